@@ -1,0 +1,52 @@
+// `lightning bench`: UNet forward speed, memory and GFLOP/s (not a test; see docs/benchmarks.md).
+#include <cstdio>
+#include <thread>
+
+#include "app/commands.h"
+#include "bench/unet_bench.h"
+#include "core/log.h"
+#include "core/system.h"
+
+namespace lightning::app {
+namespace {
+struct BenchArgs {
+  bench::UNetBenchOptions options;
+  int threads = 0;
+};
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  auto args = std::make_shared<BenchArgs>();
+  auto* cmd = app.add_subcommand(
+      "bench",
+      "Benchmark UNet forwards: seconds, peak RSS, GFLOP/s next to a GEMM peak.\n"
+      "Examples: lightning bench                       (tiny SDXL-shaped UNet, seconds)\n"
+      "          lightning bench --unet sdxl --latent 64,128 --dtype f32,bf16 --repeat 1");
+  auto& o = args->options;
+  cmd->add_option("--unet", o.presets, "UNet presets: tiny-sdxl, tiny-sd15, sd15, sdxl")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"tiny-sdxl", "tiny-sd15", "sd15", "sdxl"}))
+      ->capture_default_str();
+  cmd->add_option("--dtype", o.dtypes, "Compute types: f32, bf16, f16 (CUDA)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}))
+      ->capture_default_str();
+  cmd->add_option("--latent", o.latents,
+                  "Latent sizes (default: 64,128 for sdxl/sd15, 32 for tiny presets)")
+      ->delimiter(',')
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", o.batch, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--warmup", o.warmup, "Untimed forwards first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_option("--repeat", o.repeat, "Timed forwards (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_flag("!--no-gemm", o.gemm, "Skip the GEMM peak reference");
+  cmd->add_option("--device", o.device, "cpu or cuda")->capture_default_str();
+  add_threads_option(*cmd, &args->threads);
+  cmd->callback([args] {
+    set_threads(args->threads);
+    spdlog::info("bench: {} threads", at::get_num_threads());
+    auto rows = bench::run_unet_bench(args->options, [](const std::string& line) { spdlog::info("{}", line); });
+    std::fputs(bench::format_bench_table(rows).c_str(), stdout);
+  });
+}
+
+}  // namespace lightning::app

@@ -1,0 +1,100 @@
+// `lightning forward <model> --model DIR --inputs IN.safetensors --out OUT.safetensors`:
+// one forward pass of a diffusers-layout model on named inputs (DESIGN.md contract), for
+// parity checks against diffusers.
+#include <filesystem>
+#include <map>
+#include <regex>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "app/commands.h"
+#include "app/device.h"
+#include "core/error.h"
+#include "core/system.h"
+#include "io/safetensors.h"
+#include "models/model_loader.h"
+
+namespace lightning::app {
+namespace {
+
+struct ForwardArgs {
+  std::string kind;
+  std::string model;
+  std::string inputs;
+  std::string out;
+  std::string dtype = "f32";
+  std::string device = "cpu";
+  int threads = 0;
+};
+
+models::UNetInputs unet_inputs(std::map<std::string, torch::Tensor> named, const std::string& file,
+                               const torch::Device& device) {
+  models::UNetInputs in;
+  std::map<size_t, torch::Tensor> down;
+  const std::regex down_re("down_([0-9]+)");
+  for (auto& [name, tensor] : named) {
+    auto t = tensor.to(device);
+    std::smatch m;
+    if (name == "sample") in.sample = t;
+    else if (name == "timestep") in.timestep = t;
+    else if (name == "encoder_hidden_states") in.encoder_hidden_states = t;
+    else if (name == "text_embeds") in.text_embeds = t;
+    else if (name == "time_ids") in.time_ids = t;
+    else if (name == "mid") in.mid_residual = t;
+    else if (std::regex_match(name, m, down_re)) down[std::stoul(m[1])] = t;
+    else
+      fail("{}: unknown input '{}' (expected sample, timestep, encoder_hidden_states, "
+           "text_embeds, time_ids, down_0..down_N, mid)", file, name);
+  }
+  for (const char* required : {"sample", "timestep", "encoder_hidden_states"})
+    if (!named.count(required)) fail("{}: missing input '{}'", file, required);
+  for (size_t i = 0; i < down.size(); ++i) {
+    if (!down.count(i)) fail("{}: ControlNet residuals must be down_0..down_{}; down_{} is missing", file, down.size() - 1, i);
+    in.down_residuals.push_back(down[i]);
+  }
+  if (in.mid_residual.defined() != !in.down_residuals.empty())
+    fail("{}: ControlNet residuals need both down_0..down_N and mid", file);
+  return in;
+}
+
+void run_forward(const ForwardArgs& args) {
+  set_threads(args.threads);
+  const auto device = parse_device(args.device);
+  const auto dtype = parse_dtype(args.dtype, device);
+  if (!std::filesystem::exists(args.inputs)) fail("{}: no such file", args.inputs);
+  auto named = io::load_safetensors(args.inputs);
+  torch::NoGradGuard no_grad;
+  torch::Tensor out;
+  if (args.kind == "unet") {
+    auto unet = models::load_unet(args.model, {dtype, device, ""});
+    auto inputs = unet_inputs(named, args.inputs, device);
+    out = unet->forward(inputs);
+  } else {
+    fail_usage("forward: model kind '{}' is not available yet (supported: unet)", args.kind);
+  }
+  io::save_safetensors(args.out, {{"out", out.to(torch::kCPU, torch::kFloat32).contiguous()}});
+}
+
+}  // namespace
+
+void add_forward_command(CLI::App& app) {
+  auto args = std::make_shared<ForwardArgs>();
+  auto* cmd = app.add_subcommand(
+      "forward",
+      "Run one forward pass of a diffusers-layout model on named inputs (parity checks).\n"
+      "Example: lightning forward unet --model models/tiny-unet --inputs in.safetensors "
+      "--out out.safetensors");
+  cmd->add_option("kind", args->kind, "Model kind: unet")->required()->check(
+      CLI::IsMember({"unet", "vae-decode", "vae-encode", "clip-text", "controlnet"}));
+  cmd->add_option("--model", args->model, "Model directory (config.json + *.safetensors)")
+      ->required();
+  cmd->add_option("--inputs", args->inputs, "Inputs (safetensors) with diffusers' names")
+      ->required();
+  cmd->add_option("--out", args->out, "Output file (safetensors); written atomically")->required();
+  add_dtype_device_options(*cmd, &args->dtype, &args->device);
+  add_threads_option(*cmd, &args->threads);
+  cmd->callback([args] { run_forward(*args); });
+}
+
+}  // namespace lightning::app

@@ -1,0 +1,14 @@
+// One function per subcommand: declares its options (CLI11) and the action that runs it.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace lightning::app {
+
+void add_forward_command(CLI::App& app);
+void add_bench_command(CLI::App& app);
+
+// Adds the shared --threads option (default: all cores) to a compute subcommand.
+void add_threads_option(CLI::App& command, int* threads);
+
+}  // namespace lightning::app

@@ -1,0 +1,41 @@
+#include "app/device.h"
+
+#include <torch/cuda.h>
+
+#include "core/error.h"
+
+namespace lightning::app {
+
+void add_dtype_device_options(CLI::App& command, std::string* dtype, std::string* device) {
+  command.add_option("--dtype", *dtype, "Compute type: f32, bf16 (fast on CPU), f16 (CUDA only)")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}))
+      ->capture_default_str();
+  command.add_option("--device", *device, "cpu or cuda[:N]")->capture_default_str();
+}
+
+torch::Device parse_device(const std::string& name) {
+  if (name == "cpu") return torch::kCPU;
+  if (name.rfind("cuda", 0) == 0) {
+    if (!torch::cuda::is_available())
+      fail_usage("--device {}: this build of libtorch has no CUDA device available", name);
+    try {
+      return torch::Device(name);
+    } catch (const std::exception&) {
+      fail_usage("--device {}: not a device (use cpu or cuda[:N])", name);
+    }
+  }
+  fail_usage("--device {}: not a device (use cpu or cuda[:N])", name);
+}
+
+torch::ScalarType parse_dtype(const std::string& name, const torch::Device& device) {
+  if (name == "f32") return torch::kFloat32;
+  if (name == "bf16") return torch::kBFloat16;
+  if (name == "f16") {
+    if (device.is_cpu())
+      fail_usage("--dtype f16: libtorch has no f16 convolution/matmul on CPU; use bf16 or f32");
+    return torch::kFloat16;
+  }
+  fail_usage("--dtype {}: use f32, bf16 or f16", name);
+}
+
+}  // namespace lightning::app

@@ -1,0 +1,17 @@
+// Shared --dtype / --device options of compute subcommands.
+#pragma once
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <torch/types.h>
+
+namespace lightning::app {
+
+void add_dtype_device_options(CLI::App& command, std::string* dtype, std::string* device);
+// "cpu" or "cuda[:N]"; refuses cuda when libtorch has no CUDA device.
+torch::Device parse_device(const std::string& name);
+// "f32" | "bf16" | "f16"; f16 compute is refused on CPU (no CPU kernels for f16 conv/matmul).
+torch::ScalarType parse_dtype(const std::string& name, const torch::Device& device);
+
+}  // namespace lightning::app

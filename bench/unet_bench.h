@@ -1,0 +1,40 @@
+// `lightning bench`: UNet forward timings, peak RSS and achieved GFLOP/s next to a GEMM peak
+// measured in the same run (the machine is noisy: compare within one run).
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace lightning::bench {
+
+struct UNetBenchOptions {
+  std::vector<std::string> presets = {"tiny-sdxl"};  // UNet config presets (unet_config.h)
+  std::vector<std::string> dtypes = {"f32", "bf16"};
+  std::vector<int64_t> latents;  // latent sizes; empty: 64,128 for sdxl/sd15, 32 for tiny ones
+  int64_t batch = 1;
+  int64_t tokens = 77;  // text tokens of encoder_hidden_states
+  int warmup = 1;
+  int repeat = 3;
+  bool gemm = true;           // also measure the f32/bf16 GEMM peak (mm 2048^3)
+  std::string device = "cpu";
+};
+
+struct BenchRow {
+  std::string what;        // "unet sdxl 64x64" or "gemm 2048^3"
+  std::string dtype;
+  double seconds = 0;      // median per forward
+  double gflop = 0;        // per forward
+  double gflops = 0;       // achieved GFLOP/s
+  double peak_rss_gb = 0;  // process high-water mark during this row
+  double params_m = 0;     // parameters in millions
+};
+
+// Runs the benchmark; `progress` receives one line per finished measurement.
+std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
+                                     const std::function<void(const std::string&)>& progress);
+
+// A Markdown table of the rows.
+std::string format_bench_table(const std::vector<BenchRow>& rows);
+
+}  // namespace lightning::bench

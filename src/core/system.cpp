@@ -1,0 +1,58 @@
+#include "core/system.h"
+
+#include <sched.h>
+
+#include <fstream>
+#include <string>
+
+#include <ATen/Parallel.h>
+
+namespace lightning {
+
+int available_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  return 1;
+}
+
+void set_threads(int n) {
+  if (n <= 0) n = available_cores();
+  at::set_num_threads(n);
+  // Inter-op threads can be set only once per process, before any inter-op work.
+  static bool interop_set = false;
+  if (!interop_set) {
+    interop_set = true;
+    try {
+      at::set_num_interop_threads(1);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
+namespace {
+int64_t status_kib(const char* field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  const std::string prefix = std::string(field) + ":";
+  while (std::getline(in, line)) {
+    if (line.compare(0, prefix.size(), prefix) == 0) return std::stoll(line.substr(prefix.size()));
+  }
+  return 0;
+}
+}  // namespace
+
+int64_t current_rss_bytes() { return status_kib("VmRSS") * 1024; }
+int64_t peak_rss_bytes() { return status_kib("VmHWM") * 1024; }
+
+bool reset_peak_rss() {
+  std::ofstream out("/proc/self/clear_refs");
+  if (!out) return false;
+  out << "5";
+  return static_cast<bool>(out.flush());
+}
+
+}  // namespace lightning

@@ -1,0 +1,119 @@
+#include "io/state_dict.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace lightning::io {
+namespace {
+
+std::string shape_str(c10::IntArrayRef shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+// "a, b, c and 12 more"
+std::string some(const std::vector<std::string>& items, size_t limit = 6) {
+  std::vector<std::string> head(items.begin(), items.begin() + std::min(limit, items.size()));
+  std::string out = fmt::format("{}", fmt::join(head, ", "));
+  if (items.size() > limit) out += fmt::format(" and {} more", items.size() - limit);
+  return out;
+}
+
+}  // namespace
+
+WeightFiles::WeightFiles(const std::vector<std::string>& paths) {
+  for (const auto& path : paths) {
+    files_.push_back(std::make_shared<SafetensorsFile>(path));
+    const size_t f = files_.size() - 1;
+    for (const auto& key : files_.back()->keys()) {
+      if (index_.count(key))
+        fail("{}: tensor '{}' also appears in {}", path, key, files_[index_[key]]->path());
+      index_[key] = f;
+    }
+  }
+}
+
+std::vector<std::string> WeightFiles::keys() const {
+  std::vector<std::string> out;
+  for (const auto& item : index_) out.push_back(item.first);
+  return out;
+}
+
+const TensorEntry& WeightFiles::entry(const std::string& name) const {
+  return files_.at(index_.at(name))->entry(name);
+}
+torch::Tensor WeightFiles::get(const std::string& name) const {
+  return files_.at(index_.at(name))->get(name);
+}
+void WeightFiles::release(const std::string& name) const {
+  files_.at(index_.at(name))->release(name);
+}
+const std::string& WeightFiles::file_of(const std::string& name) const {
+  return files_.at(index_.at(name))->path();
+}
+std::string WeightFiles::describe() const {
+  std::vector<std::string> names;
+  for (const auto& f : files_) names.push_back(f->path());
+  return fmt::format("{}", fmt::join(names, ", "));
+}
+
+std::map<std::string, torch::Tensor> module_tensors(const torch::nn::Module& module) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) out[item.key()] = item.value();
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) out[item.key()] = item.value();
+  return out;
+}
+
+void load_weights(torch::nn::Module& module, const WeightFiles& weights, const LoadOptions& options,
+                  const std::string& what) {
+  auto targets = module_tensors(module);
+  std::vector<std::string> missing, unexpected, misshaped;
+  for (const auto& [name, tensor] : targets) {
+    if (!weights.contains(name)) {
+      missing.push_back(name);
+      continue;
+    }
+    const auto& e = weights.entry(name);
+    if (c10::IntArrayRef(e.shape) != tensor.sizes())
+      misshaped.push_back(fmt::format("{} (file {} vs model {})", name, shape_str(e.shape),
+                                      shape_str(tensor.sizes())));
+  }
+  for (const auto& name : weights.keys())
+    if (!targets.count(name)) unexpected.push_back(name);
+  if (!missing.empty() || !unexpected.empty() || !misshaped.empty()) {
+    std::vector<std::string> parts;
+    if (!missing.empty()) parts.push_back(fmt::format("{} missing: {}", missing.size(), some(missing)));
+    if (!unexpected.empty())
+      parts.push_back(fmt::format("{} unexpected: {}", unexpected.size(), some(unexpected)));
+    if (!misshaped.empty())
+      parts.push_back(fmt::format("{} mis-shaped: {}", misshaped.size(), some(misshaped, 3)));
+    fail("{}: weights in {} do not fit the config: {}", what, weights.describe(),
+         fmt::format("{}", fmt::join(parts, "; ")));
+  }
+
+  torch::NoGradGuard no_grad;
+  for (auto& [name, tensor] : targets) {
+    auto source = weights.get(name);
+    const bool floating = source.is_floating_point();
+    const auto dtype = floating ? options.dtype : source.scalar_type();
+    if (source.scalar_type() == dtype && source.device() == options.device) {
+      tensor.set_data(source);  // a view of the mapping: no copy
+    } else {
+      tensor.set_data(source.to(options.device, dtype));
+      source = torch::Tensor();
+      weights.release(name);
+    }
+  }
+}
+
+void save_weights(const torch::nn::Module& module, const std::string& path,
+                  c10::optional<torch::ScalarType> dtype,
+                  const std::map<std::string, std::string>& metadata) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& [name, tensor] : module_tensors(module)) {
+    auto t = tensor.detach();
+    if (dtype && t.is_floating_point()) t = t.to(*dtype);
+    tensors.emplace_back(name, t);
+  }
+  save_safetensors(path, tensors, metadata);
+}
+
+}  // namespace lightning::io

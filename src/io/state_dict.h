@@ -1,0 +1,57 @@
+// Strict loading of named weights into a libtorch module: every parameter and buffer must be
+// found with the right shape, and every tensor in the files must be used; otherwise one error
+// lists the missing, unexpected and mis-shaped keys.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include "io/safetensors.h"
+
+namespace lightning::io {
+
+// Tensors by name, gathered from one or more safetensors files (sharded checkpoints).
+class WeightFiles {
+ public:
+  explicit WeightFiles(const std::vector<std::string>& paths);
+  bool contains(const std::string& name) const { return index_.count(name) > 0; }
+  std::vector<std::string> keys() const;
+  const TensorEntry& entry(const std::string& name) const;
+  torch::Tensor get(const std::string& name) const;
+  void release(const std::string& name) const;
+  const std::string& file_of(const std::string& name) const;
+  // The files, joined with ", " (for messages).
+  std::string describe() const;
+
+ private:
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::map<std::string, size_t> index_;
+};
+
+struct LoadOptions {
+  // Floating-point parameters are converted to this type (f16 files become f32/bf16 on CPU).
+  torch::ScalarType dtype = torch::kFloat32;
+  torch::Device device = torch::kCPU;
+};
+
+// Loads `weights` into `module` strictly (see above). Where a file tensor already has the
+// target dtype and device, the parameter becomes a view of the memory-mapped file (no copy);
+// otherwise it is converted tensor by tensor and the file pages are released after each, so the
+// weights are never held twice. `what` names the model in errors (e.g. the directory).
+void load_weights(torch::nn::Module& module, const WeightFiles& weights, const LoadOptions& options,
+                  const std::string& what);
+
+// The module's parameters and buffers by full dotted name (diffusers state-dict keys).
+std::map<std::string, torch::Tensor> module_tensors(const torch::nn::Module& module);
+
+// Saves the module's parameters and buffers (converted to `dtype` when given) as safetensors.
+void save_weights(const torch::nn::Module& module, const std::string& path,
+                  c10::optional<torch::ScalarType> dtype = c10::nullopt,
+                  const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace lightning::io

@@ -1,0 +1,73 @@
+#include "models/model_loader.h"
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "io/json_config.h"
+#include "nn/layers.h"
+
+namespace lightning::models {
+namespace fs = std::filesystem;
+
+std::vector<std::string> find_weight_files(const std::string& dir, const std::string& basename,
+                                           const std::string& variant) {
+  if (!fs::is_directory(dir)) fail("{}: not a directory", dir);
+  std::vector<std::string> names;
+  if (!variant.empty()) names.push_back(basename + "." + variant + ".safetensors");
+  names.push_back(basename + ".safetensors");
+  if (variant.empty()) names.push_back(basename + ".fp16.safetensors");
+  for (const auto& name : names) {
+    const auto path = fs::path(dir) / name;
+    if (fs::exists(path)) return {path.string()};
+    // Sharded: <name>.index.json maps each tensor to a shard file.
+    const auto index = fs::path(dir) / (name + ".index.json");
+    if (fs::exists(index)) {
+      const auto json = io::read_json_file(index.string());
+      if (!json.contains("weight_map") || !json["weight_map"].is_object())
+        fail("{}: missing 'weight_map'", index.string());
+      std::vector<std::string> shards;
+      for (const auto& item : json["weight_map"].items()) {
+        if (!item.value().is_string()) fail("{}: weight_map['{}'] is not a file name", index.string(), item.key());
+        const auto shard = (fs::path(dir) / item.value().get<std::string>()).string();
+        if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);
+      }
+      return shards;
+    }
+  }
+  if (fs::exists(fs::path(dir) / (basename + ".bin")))
+    fail("{}: only {}.bin (a pickle) found; convert it to safetensors", dir, basename);
+  fail("{}: no {} weights found (looked for {})", dir, basename, fmt::join(names, ", "));
+}
+
+std::string resolve_component_dir(const std::string& dir, const std::string& component) {
+  if (fs::exists(fs::path(dir) / "config.json")) return dir;
+  const auto sub = fs::path(dir) / component;
+  if (fs::exists(sub / "config.json")) return sub.string();
+  if (!fs::exists(dir)) fail("{}: no such directory", dir);
+  fail("{}: no config.json (nor {}/config.json)", dir, component);
+}
+
+UNet2DConditionModel make_unet_uninitialised(const UNetConfig& config) {
+  nn::SkipInitGuard skip_init;
+  return UNet2DConditionModel(config);
+}
+
+UNet2DConditionModel load_unet(const std::string& dir_in, const ModelLoadOptions& options) {
+  const auto dir = resolve_component_dir(dir_in, "unet");
+  const auto config_path = (fs::path(dir) / "config.json").string();
+  const auto config = UNetConfig::from_json(io::read_json_file(config_path), config_path);
+  auto unet = make_unet_uninitialised(config);
+  io::WeightFiles weights(find_weight_files(dir, "diffusion_pytorch_model", options.variant));
+  io::load_weights(*unet, weights, {options.dtype, options.device}, dir);
+  unet->eval();
+  return unet;
+}
+
+void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
+               c10::optional<torch::ScalarType> dtype) {
+  fs::create_directories(dir);
+  io::write_json_file((fs::path(dir) / "config.json").string(), unet->config.to_json());
+  io::save_weights(*unet, (fs::path(dir) / "diffusion_pytorch_model.safetensors").string(), dtype);
+}
+
+}  // namespace lightning::models

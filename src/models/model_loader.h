@@ -1,0 +1,41 @@
+// Loading diffusers-layout model directories: <dir>/config.json plus
+// <dir>/diffusion_pytorch_model[.<variant>].safetensors, or a sharded checkpoint with its
+// .safetensors.index.json. A pipeline root with a unet/ folder is accepted for the UNet.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "io/state_dict.h"
+#include "models/unet.h"
+
+namespace lightning::models {
+
+struct ModelLoadOptions {
+  torch::ScalarType dtype = torch::kFloat32;  // compute dtype (f16 files are converted)
+  torch::Device device = torch::kCPU;
+  std::string variant;  // "" (prefer full precision, else the only file there) or e.g. "fp16"
+};
+
+// The weight files of a diffusers component directory, e.g. ("unet", "diffusion_pytorch_model").
+// Throws Error naming the directory when none is found (and mentions .bin files, which are
+// not supported because they are pickles).
+std::vector<std::string> find_weight_files(const std::string& dir, const std::string& basename,
+                                           const std::string& variant);
+
+// Resolves DIR to the UNet's component directory (DIR or DIR/unet).
+std::string resolve_component_dir(const std::string& dir, const std::string& component);
+
+// Builds the UNet from DIR/config.json and loads its weights strictly.
+UNet2DConditionModel load_unet(const std::string& dir, const ModelLoadOptions& options);
+
+// Builds a UNet without initialising its parameters, ready for load_weights.
+UNet2DConditionModel make_unet_uninitialised(const UNetConfig& config);
+
+// Writes a diffusers-layout UNet directory (config.json + diffusion_pytorch_model.safetensors).
+void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
+               c10::optional<torch::ScalarType> dtype = c10::nullopt);
+
+}  // namespace lightning::models
