@@ -1,9 +1,11 @@
 // `lightning bench`: UNet forward speed, memory and GFLOP/s (not a test; see docs/benchmarks.md).
+#include <algorithm>
 #include <cstdio>
 #include <thread>
 
 #include "app/commands.h"
 #include "bench/unet_bench.h"
+#include "core/error.h"
 #include "core/log.h"
 #include "core/system.h"
 
@@ -12,6 +14,8 @@ namespace {
 struct BenchArgs {
   bench::UNetBenchOptions options;
   int threads = 0;
+  std::string save_random;
+  std::string weights_dtype = "f16";
 };
 }  // namespace
 
@@ -21,7 +25,9 @@ void add_bench_command(CLI::App& app) {
       "bench",
       "Benchmark UNet forwards: seconds, peak RSS, GFLOP/s next to a GEMM peak.\n"
       "Examples: lightning bench                       (tiny SDXL-shaped UNet, seconds)\n"
-      "          lightning bench --unet sdxl --latent 64,128 --dtype f32,bf16 --repeat 1");
+      "          lightning bench --unet sdxl --latent 64,128 --dtype f32,bf16 --repeat 1\n"
+      "          lightning bench --unet sdxl --save-random /tmp/sdxl-f16 --weights-dtype f16\n"
+      "          lightning bench --model /tmp/sdxl-f16 --dtype f32 --latent 32");
   auto& o = args->options;
   cmd->add_option("--unet", o.presets, "UNet presets: tiny-sdxl, tiny-sd15, sd15, sdxl")
       ->delimiter(',')
@@ -35,16 +41,44 @@ void add_bench_command(CLI::App& app) {
                   "Latent sizes (default: 64,128 for sdxl/sd15, 32 for tiny presets)")
       ->delimiter(',')
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--batch", o.batch, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--warmup", o.warmup, "Untimed forwards first")->check(CLI::NonNegativeNumber)->capture_default_str();
-  cmd->add_option("--repeat", o.repeat, "Timed forwards (median reported)")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--batch", o.batch, "Batch size")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--warmup", o.warmup, "Untimed forwards first")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--repeat", o.repeat, "Timed forwards (median reported)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_flag("!--no-gemm", o.gemm, "Skip the GEMM peak reference");
   cmd->add_option("--device", o.device, "cpu or cuda")->capture_default_str();
+  cmd->add_option("--model", o.model_dir,
+                  "Benchmark this model directory (load time and RSS, then forwards)");
+  cmd->add_option(
+      "--save-random", args->save_random,
+      "Write a random-weight UNet of the first --unet preset to this directory, then exit");
+  cmd->add_option("--weights-dtype", args->weights_dtype, "Stored dtype for --save-random")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}))
+      ->capture_default_str();
   add_threads_option(*cmd, &args->threads);
   cmd->callback([args] {
     set_threads(args->threads);
     spdlog::info("bench: {} threads", at::get_num_threads());
-    auto rows = bench::run_unet_bench(args->options, [](const std::string& line) { spdlog::info("{}", line); });
+    const auto& dtypes = args->options.dtypes;
+    const bool cpu = args->options.device == "cpu";
+    if (cpu && std::find(dtypes.begin(), dtypes.end(), "f16") != dtypes.end())
+      fail_usage("--dtype f16: libtorch has no f16 convolution/matmul on CPU; use bf16 or f32");
+    if (cpu && !cpu_has_avx512_bf16() &&
+        std::find(dtypes.begin(), dtypes.end(), "bf16") != dtypes.end())
+      spdlog::info(
+          "bench: this CPU has no AVX512-BF16; bf16 rows run libtorch's slow reference kernels");
+    if (!args->save_random.empty()) {
+      bench::save_random_unet(args->options.presets.at(0), args->weights_dtype, args->save_random);
+      spdlog::info("wrote {}", args->save_random);
+      return;
+    }
+    auto rows = bench::run_unet_bench(args->options,
+                                      [](const std::string& line) { spdlog::info("{}", line); });
     std::fputs(bench::format_bench_table(rows).c_str(), stdout);
   });
 }

@@ -36,21 +36,32 @@ models::UNetInputs unet_inputs(std::map<std::string, torch::Tensor> named, const
   for (auto& [name, tensor] : named) {
     auto t = tensor.to(device);
     std::smatch m;
-    if (name == "sample") in.sample = t;
-    else if (name == "timestep") in.timestep = t;
-    else if (name == "encoder_hidden_states") in.encoder_hidden_states = t;
-    else if (name == "text_embeds") in.text_embeds = t;
-    else if (name == "time_ids") in.time_ids = t;
-    else if (name == "mid") in.mid_residual = t;
-    else if (std::regex_match(name, m, down_re)) down[std::stoul(m[1])] = t;
+    if (name == "sample")
+      in.sample = t;
+    else if (name == "timestep")
+      in.timestep = t;
+    else if (name == "encoder_hidden_states")
+      in.encoder_hidden_states = t;
+    else if (name == "text_embeds")
+      in.text_embeds = t;
+    else if (name == "time_ids")
+      in.time_ids = t;
+    else if (name == "mid")
+      in.mid_residual = t;
+    else if (std::regex_match(name, m, down_re))
+      down[std::stoul(m[1])] = t;
     else
-      fail("{}: unknown input '{}' (expected sample, timestep, encoder_hidden_states, "
-           "text_embeds, time_ids, down_0..down_N, mid)", file, name);
+      fail(
+          "{}: unknown input '{}' (expected sample, timestep, encoder_hidden_states, "
+          "text_embeds, time_ids, down_0..down_N, mid)",
+          file, name);
   }
   for (const char* required : {"sample", "timestep", "encoder_hidden_states"})
     if (!named.count(required)) fail("{}: missing input '{}'", file, required);
   for (size_t i = 0; i < down.size(); ++i) {
-    if (!down.count(i)) fail("{}: ControlNet residuals must be down_0..down_{}; down_{} is missing", file, down.size() - 1, i);
+    if (!down.count(i))
+      fail("{}: ControlNet residuals must be down_0..down_{}; down_{} is missing", file,
+           down.size() - 1, i);
     in.down_residuals.push_back(down[i]);
   }
   if (in.mid_residual.defined() != !in.down_residuals.empty())
@@ -85,8 +96,9 @@ void add_forward_command(CLI::App& app) {
       "Run one forward pass of a diffusers-layout model on named inputs (parity checks).\n"
       "Example: lightning forward unet --model models/tiny-unet --inputs in.safetensors "
       "--out out.safetensors");
-  cmd->add_option("kind", args->kind, "Model kind: unet")->required()->check(
-      CLI::IsMember({"unet", "vae-decode", "vae-encode", "clip-text", "controlnet"}));
+  cmd->add_option("kind", args->kind, "Model kind: unet")
+      ->required()
+      ->check(CLI::IsMember({"unet", "vae-decode", "vae-encode", "clip-text", "controlnet"}));
   cmd->add_option("--model", args->model, "Model directory (config.json + *.safetensors)")
       ->required();
   cmd->add_option("--inputs", args->inputs, "Inputs (safetensors) with diffusers' names")

@@ -3,6 +3,8 @@
 #include <torch/cuda.h>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "core/system.h"
 
 namespace lightning::app {
 
@@ -29,7 +31,13 @@ torch::Device parse_device(const std::string& name) {
 
 torch::ScalarType parse_dtype(const std::string& name, const torch::Device& device) {
   if (name == "f32") return torch::kFloat32;
-  if (name == "bf16") return torch::kBFloat16;
+  if (name == "bf16") {
+    if (device.is_cpu() && !cpu_has_avx512_bf16())
+      spdlog::warn(
+          "--dtype bf16: this CPU has no AVX512-BF16, so bf16 matmul/convolution run through slow "
+          "reference kernels (~20x slower than f32 here, docs/benchmarks.md); f32 is faster");
+    return torch::kBFloat16;
+  }
   if (name == "f16") {
     if (device.is_cpu())
       fail_usage("--dtype f16: libtorch has no f16 convolution/matmul on CPU; use bf16 or f32");

@@ -3,14 +3,17 @@
 #include <cstdio>
 #include <exception>
 
+#include <c10/util/Exception.h>
 #include <CLI/CLI.hpp>
 
 #include "app/commands.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/system.h"
 
 int main(int argc, char** argv) {
   lightning::init_logging();
+  lightning::tune_allocator();
   CLI::App app{"lightning: few-step text-to-image diffusion (SDXL-Lightning) in C++", "lightning"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Help for every subcommand");

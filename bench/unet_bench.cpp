@@ -76,7 +76,32 @@ BenchRow gemm_row(torch::ScalarType dtype, const std::string& dtype_name, torch:
   return row;
 }
 
+models::UNetInputs random_inputs(const models::UNetConfig& config, int64_t batch, int64_t latent,
+                                 int64_t tokens, torch::ScalarType dtype, torch::Device device) {
+  auto opts = torch::TensorOptions().dtype(dtype).device(device);
+  models::UNetInputs in;
+  in.sample = torch::randn({batch, config.in_channels, latent, latent}, opts);
+  in.timestep =
+      torch::full({batch}, 999, torch::TensorOptions().dtype(torch::kInt64).device(device));
+  in.encoder_hidden_states = torch::randn({batch, tokens, config.cross_attention_dim[0]}, opts);
+  if (config.addition_embed_type == "text_time") {
+    const int64_t pooled =
+        config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim;
+    in.text_embeds = torch::randn({batch, pooled}, opts);
+    const float px = static_cast<float>(latent * 8);
+    in.time_ids = torch::tensor({px, px, 0.f, 0.f, px, px}).repeat({batch, 1}).to(device);
+  }
+  return in;
+}
+
 }  // namespace
+
+void save_random_unet(const std::string& preset, const std::string& weights_dtype,
+                      const std::string& dir) {
+  auto unet = models::make_unet_uninitialised(models::UNetConfig::preset(preset));
+  randomise(*unet, dtype_of(weights_dtype), torch::kCPU);
+  models::save_unet(unet, dir);
+}
 
 std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
                                      const std::function<void(const std::string&)>& progress) {
@@ -89,33 +114,50 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
     }
   }
   torch::NoGradGuard no_grad;
-  for (const auto& preset : options.presets) {
-    const auto config = models::UNetConfig::preset(preset);
-    const bool tiny = preset.rfind("tiny", 0) == 0;
-    auto latents = options.latents;
-    if (latents.empty()) latents = tiny ? std::vector<int64_t>{32} : std::vector<int64_t>{64, 128};
+  struct Target {
+    std::string name;
+    models::UNetConfig config;
+  };
+  std::vector<Target> targets;
+  if (!options.model_dir.empty()) {
+    targets.push_back({options.model_dir, {}});
+  } else {
+    for (const auto& preset : options.presets)
+      targets.push_back({preset, models::UNetConfig::preset(preset)});
+  }
+  for (const auto& target : targets) {
     for (const auto& dt : options.dtypes) {
       const auto dtype = dtype_of(dt);
       reset_peak_rss();
-      auto unet = models::make_unet_uninitialised(config);
-      randomise(*unet, dtype, device);
-      unet->eval();
+      models::UNet2DConditionModel unet{nullptr};
+      if (!options.model_dir.empty()) {
+        const auto start = Clock::now();
+        unet = models::load_unet(options.model_dir, {dtype, device, ""});
+        BenchRow row;
+        row.what = fmt::format("load {}", options.model_dir);
+        row.dtype = dt;
+        row.seconds = seconds_since(start);
+        row.peak_rss_gb = peak_rss_bytes() / 1e9;
+        row.rss_gb = current_rss_bytes() / 1e9;
+        rows.push_back(row);
+        progress(fmt::format("{} as {}: {:.1f} s, RSS {:.2f} GB, peak {:.2f} GB", row.what, dt,
+                             row.seconds, row.rss_gb, row.peak_rss_gb));
+      } else {
+        unet = models::make_unet_uninitialised(target.config);
+        randomise(*unet, dtype, device);
+        unet->eval();
+      }
+      const auto& config = unet->config;
+      const bool tiny = config.block_out_channels[0] < 128;
+      auto latents = options.latents;
+      if (latents.empty())
+        latents = tiny ? std::vector<int64_t>{32} : std::vector<int64_t>{64, 128};
       double params = 0;
-      for (const auto& p : unet->parameters()) params += p.numel();
+      for (const auto& p : unet->parameters())
+        params += p.numel();
       for (const auto latent : latents) {
         reset_peak_rss();
-        const int64_t B = options.batch;
-        auto opts = torch::TensorOptions().dtype(dtype).device(device);
-        models::UNetInputs in;
-        in.sample = torch::randn({B, config.in_channels, latent, latent}, opts);
-        in.timestep = torch::full({B}, 999, torch::TensorOptions().dtype(torch::kInt64).device(device));
-        in.encoder_hidden_states = torch::randn({B, options.tokens, config.cross_attention_dim[0]}, opts);
-        if (config.addition_embed_type == "text_time") {
-          const int64_t pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim;
-          in.text_embeds = torch::randn({B, pooled}, opts);
-          const int64_t px = latent * 8;
-          in.time_ids = torch::tensor({px, px, 0l, 0l, px, px}, torch::kFloat32).repeat({B, 1}).to(device);
-        }
+        auto in = random_inputs(config, options.batch, latent, options.tokens, dtype, device);
         nn::flops::reset();
         nn::flops::enable(true);
         std::vector<double> times;
@@ -127,12 +169,14 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
           if (i == 0) nn::flops::enable(false);
         }
         BenchRow row;
-        row.what = fmt::format("unet {} {}x{} batch {}", preset, latent, latent, B);
+        row.what =
+            fmt::format("unet {} {}x{} batch {}", target.name, latent, latent, options.batch);
         row.dtype = dt;
         row.seconds = median(times);
         row.gflop = nn::flops::total() / 1e9;
         row.gflops = row.gflop / row.seconds;
         row.peak_rss_gb = peak_rss_bytes() / 1e9;
+        row.rss_gb = current_rss_bytes() / 1e9;
         row.params_m = params / 1e6;
         rows.push_back(row);
         progress(fmt::format("{} {}: {:.3f} s/forward, {:.1f} GFLOP/s, peak RSS {:.2f} GB",
@@ -145,12 +189,15 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
 
 std::string format_bench_table(const std::vector<BenchRow>& rows) {
   std::string out =
-      "| what | dtype | params (M) | s / forward | GFLOP / forward | GFLOP/s | peak RSS (GB) |\n"
-      "|---|---|---|---|---|---|---|\n";
+      "| what | dtype | params (M) | seconds | GFLOP | GFLOP/s | RSS after (GB) | peak RSS (GB) |\n"
+      "|---|---|---|---|---|---|---|---|\n";
   for (const auto& r : rows) {
-    out += fmt::format("| {} | {} | {} | {:.4f} | {:.1f} | {:.1f} | {:.2f} |\n", r.what, r.dtype,
-                       r.params_m > 0 ? fmt::format("{:.1f}", r.params_m) : "-", r.seconds,
-                       r.gflop, r.gflops, r.peak_rss_gb);
+    auto opt = [](double v, const char* format) {
+      return v > 0 ? fmt::format(fmt::runtime(format), v) : std::string("-");
+    };
+    out += fmt::format("| {} | {} | {} | {:.4f} | {} | {} | {} | {:.2f} |\n", r.what, r.dtype,
+                       opt(r.params_m, "{:.1f}"), r.seconds, opt(r.gflop, "{:.1f}"),
+                       opt(r.gflops, "{:.1f}"), opt(r.rss_gb, "{:.2f}"), r.peak_rss_gb);
   }
   return out;
 }

@@ -16,18 +16,27 @@ struct UNetBenchOptions {
   int64_t tokens = 77;  // text tokens of encoder_hidden_states
   int warmup = 1;
   int repeat = 3;
-  bool gemm = true;           // also measure the f32/bf16 GEMM peak (mm 2048^3)
+  bool gemm = true;  // also measure the f32/bf16 GEMM peak (mm 2048^3)
   std::string device = "cpu";
+  // Benchmark a model directory instead of random weights: the load itself becomes a row
+  // (seconds, RSS after loading, peak RSS while loading), then the forwards.
+  std::string model_dir;
 };
 
+// Writes a random-weight UNet of `preset` as a diffusers model directory with weights stored in
+// `weights_dtype` (f32, f16, bf16), for load benchmarks (e.g. a full-size SDXL UNet).
+void save_random_unet(const std::string& preset, const std::string& weights_dtype,
+                      const std::string& dir);
+
 struct BenchRow {
-  std::string what;        // "unet sdxl 64x64" or "gemm 2048^3"
+  std::string what;  // "unet sdxl 64x64" or "gemm 2048^3"
   std::string dtype;
   double seconds = 0;      // median per forward
   double gflop = 0;        // per forward
   double gflops = 0;       // achieved GFLOP/s
   double peak_rss_gb = 0;  // process high-water mark during this row
   double params_m = 0;     // parameters in millions
+  double rss_gb = 0;       // RSS at the end of the row (load rows: after loading)
 };
 
 // Runs the benchmark; `progress` receives one line per finished measurement.

@@ -45,7 +45,9 @@ struct ParityCase {
   const char* suffix;
 };
 
-void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.model << c.suffix; }
+void PrintTo(const ParityCase& c, std::ostream* os) {
+  *os << c.model << c.suffix;
+}
 
 class UNetParity : public ::testing::TestWithParam<ParityCase> {};
 
@@ -53,7 +55,8 @@ TEST_P(UNetParity, MatchesDiffusersF32) {
   const auto dir = test::source_path(std::string("tests/fixtures/unet/") + GetParam().model);
   auto unet = models::load_unet(dir, {});
   auto in = read_inputs(dir + "/inputs" + GetParam().suffix + ".safetensors");
-  auto expected = io::load_safetensors(dir + "/expected" + GetParam().suffix + ".safetensors").at("out");
+  auto expected =
+      io::load_safetensors(dir + "/expected" + GetParam().suffix + ".safetensors").at("out");
   torch::NoGradGuard no_grad;
   auto out = unet->forward(in);
   ASSERT_EQ(out.sizes(), expected.sizes());
@@ -62,9 +65,10 @@ TEST_P(UNetParity, MatchesDiffusersF32) {
 
 TEST_P(UNetParity, Bf16StaysClose) {
   const auto dir = test::source_path(std::string("tests/fixtures/unet/") + GetParam().model);
-  auto unet = models::load_unet(dir, {torch::kBFloat16});
+  auto unet = models::load_unet(dir, {torch::kBFloat16, torch::kCPU, ""});
   auto in = read_inputs(dir + "/inputs" + GetParam().suffix + ".safetensors");
-  auto expected = io::load_safetensors(dir + "/expected" + GetParam().suffix + ".safetensors").at("out");
+  auto expected =
+      io::load_safetensors(dir + "/expected" + GetParam().suffix + ".safetensors").at("out");
   torch::NoGradGuard no_grad;
   auto out = unet->forward(in);
   EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
@@ -72,17 +76,18 @@ TEST_P(UNetParity, Bf16StaysClose) {
   EXPECT_LT(relative_error(out, expected), 0.1);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, UNetParity,
-                         ::testing::Values(ParityCase{"tiny-sdxl", ""}, ParityCase{"tiny-sdxl", "-odd"},
-                                           ParityCase{"tiny-sdxl", "-controlnet"},
-                                           ParityCase{"tiny-sd15", ""}, ParityCase{"tiny-sd15", "-float-t"},
-                                           ParityCase{"tiny-misc", ""}, ParityCase{"tiny-misc", "-odd"}),
-                         [](const auto& info) {
-                           std::string name = std::string(info.param.model) + info.param.suffix;
-                           for (auto& c : name)
-                             if (c == '-') c = '_';
-                           return name;
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, UNetParity,
+    ::testing::Values(ParityCase{"tiny-sdxl", ""}, ParityCase{"tiny-sdxl", "-odd"},
+                      ParityCase{"tiny-sdxl", "-controlnet"}, ParityCase{"tiny-sd15", ""},
+                      ParityCase{"tiny-sd15", "-float-t"}, ParityCase{"tiny-misc", ""},
+                      ParityCase{"tiny-misc", "-odd"}),
+    [](const auto& info) {
+      std::string name = std::string(info.param.model) + info.param.suffix;
+      for (auto& c : name)
+        if (c == '-') c = '_';
+      return name;
+    });
 
 TEST(UNetParity, ChunkedAttentionMatchesDiffusers) {
   // Force many small chunks in the portable attention path.
@@ -103,7 +108,8 @@ TEST(UNetConfig, ParameterCountsOfRealArchitectures) {
   auto count = [](const models::UNetConfig& c) {
     auto unet = models::make_unet_uninitialised(c);
     int64_t n = 0;
-    for (const auto& p : unet->parameters()) n += p.numel();
+    for (const auto& p : unet->parameters())
+      n += p.numel();
     return n;
   };
   EXPECT_EQ(count(models::UNetConfig::sdxl()), 2567463684);  // SDXL base 1.0 UNet
@@ -192,11 +198,11 @@ TEST(UNetLoading, MismatchedWeightsListKeys) {
   auto named = io::load_safetensors(src + "/diffusion_pytorch_model.safetensors");
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   for (auto& [k, v] : named) {
-    if (k == "conv_in.weight") continue;                          // missing
-    if (k == "conv_out.bias") v = torch::zeros({7});               // mis-shaped
+    if (k == "conv_in.weight") continue;              // missing
+    if (k == "conv_out.bias") v = torch::zeros({7});  // mis-shaped
     tensors.emplace_back(k, v);
   }
-  tensors.emplace_back("extra.weight", torch::zeros({1}));        // unexpected
+  tensors.emplace_back("extra.weight", torch::zeros({1}));  // unexpected
   io::save_safetensors(dir + "/diffusion_pytorch_model.safetensors", tensors);
   try {
     models::load_unet(dir, {});
@@ -225,7 +231,7 @@ TEST(UNetLoading, F16FileConvertsToComputeType) {
   const auto dir = test::source_path("tests/fixtures/unet/tiny-sdxl");  // stored as f16
   io::SafetensorsFile file(dir + "/diffusion_pytorch_model.safetensors");
   EXPECT_EQ(file.entry("conv_in.weight").dtype, io::DType::F16);
-  auto unet = models::load_unet(dir, {torch::kFloat32});
+  auto unet = models::load_unet(dir, {torch::kFloat32, torch::kCPU, ""});
   EXPECT_EQ(unet->conv_in->weight.scalar_type(), torch::kFloat32);
   EXPECT_TRUE(torch::equal(unet->conv_in->weight, file.get("conv_in.weight").to(torch::kFloat32)));
 }
@@ -241,7 +247,8 @@ TEST(UNetInputs, WrongShapesNameTheInput) {
     unet->forward(bad);
     FAIL();
   } catch (const Error& e) {
-    EXPECT_THAT(e.what(), HasSubstr("'encoder_hidden_states': expected [2, tokens, 32], got [2, 7, 31]"));
+    EXPECT_THAT(e.what(),
+                HasSubstr("'encoder_hidden_states': expected [2, tokens, 32], got [2, 7, 31]"));
   }
   bad = in;
   bad.time_ids = torch::zeros({2, 5});

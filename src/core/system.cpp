@@ -1,8 +1,10 @@
 #include "core/system.h"
 
+#include <malloc.h>
 #include <sched.h>
 
 #include <fstream>
+#include <limits>
 #include <string>
 
 #include <ATen/Parallel.h>
@@ -33,6 +35,20 @@ void set_threads(int n) {
   }
 }
 
+bool cpu_has_avx512_bf16() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("flags", 0) == 0) return line.find(" avx512_bf16") != std::string::npos;
+  }
+  return false;
+}
+
+void tune_allocator() {
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+}
+
 namespace {
 int64_t status_kib(const char* field) {
   std::ifstream in("/proc/self/status");
@@ -45,8 +61,12 @@ int64_t status_kib(const char* field) {
 }
 }  // namespace
 
-int64_t current_rss_bytes() { return status_kib("VmRSS") * 1024; }
-int64_t peak_rss_bytes() { return status_kib("VmHWM") * 1024; }
+int64_t current_rss_bytes() {
+  return status_kib("VmRSS") * 1024;
+}
+int64_t peak_rss_bytes() {
+  return status_kib("VmHWM") * 1024;
+}
 
 bool reset_peak_rss() {
   std::ofstream out("/proc/self/clear_refs");

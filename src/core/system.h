@@ -12,6 +12,17 @@ int available_cores();
 // Debian's libtorch starts with one thread, so every compute entry point calls this.
 void set_threads(int n);
 
+// Whether the CPU advertises AVX512-BF16 (/proc/cpuinfo flag avx512_bf16). Without it,
+// libtorch 1.13 runs bf16 matmul and convolution through slow reference kernels.
+bool cpu_has_avx512_bf16();
+
+// Makes glibc malloc keep freed memory for reuse instead of returning it to the kernel.
+// glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap and
+// unmaps it on free, so each large activation of a UNet forward page-faults anew (~0.3 GB/s).
+// Serving everything from the never-trimmed heap removes those faults: the SDXL 64x64 f32 step
+// went from 21.9 s to 18.6 s on the project machine (docs/benchmarks.md). Called once by the CLI.
+void tune_allocator();
+
 // Resident set size now and its high-water mark, in bytes (/proc/self/status VmRSS, VmHWM).
 int64_t current_rss_bytes();
 int64_t peak_rss_bytes();

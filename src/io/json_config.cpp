@@ -67,7 +67,9 @@ ConfigReader::ConfigReader(nlohmann::json object, std::string file)
   if (!object_.is_object()) fail("{}: expected a JSON object at the top level", file_);
 }
 
-bool ConfigReader::has(const std::string& key) const { return object_.contains(key); }
+bool ConfigReader::has(const std::string& key) const {
+  return object_.contains(key);
+}
 
 bool ConfigReader::is_null(const std::string& key) const {
   return !object_.contains(key) || object_.at(key).is_null();
@@ -92,7 +94,8 @@ int64_t ConfigReader::get_int(const std::string& key, int64_t default_value) {
   if (is_null(key)) return default_value;
   const auto& v = at(key);
   if (v.is_number_integer()) return v.get<int64_t>();
-  if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>())))
+  if (v.is_number_float() &&
+      v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>())))
     return static_cast<int64_t>(v.get<double>());
   fail_key(key, fmt::format("expected an integer, got {}", v.dump()));
 }
@@ -154,7 +157,8 @@ std::vector<std::string> ConfigReader::require_string_list(const std::string& ke
   if (!v.is_array()) fail_key(key, fmt::format("expected a list of strings, got {}", v.dump()));
   std::vector<std::string> out;
   for (const auto& item : v) {
-    if (!item.is_string()) fail_key(key, fmt::format("expected a list of strings, got {}", v.dump()));
+    if (!item.is_string())
+      fail_key(key, fmt::format("expected a list of strings, got {}", v.dump()));
     out.push_back(item.get<std::string>());
   }
   return out;
@@ -177,8 +181,8 @@ void ConfigReader::expect(const std::string& key, const nlohmann::json& supporte
   if (is_null(key)) return;
   const auto& v = at(key);
   if (v != supported)
-    fail_key(key, fmt::format("value {} is not supported (supported: {})", v.dump(),
-                              supported.dump()));
+    fail_key(key,
+             fmt::format("value {} is not supported (supported: {})", v.dump(), supported.dump()));
 }
 
 void ConfigReader::refuse_unknown_keys() const {

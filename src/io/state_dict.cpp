@@ -7,7 +7,9 @@
 namespace lightning::io {
 namespace {
 
-std::string shape_str(c10::IntArrayRef shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+std::string shape_str(c10::IntArrayRef shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
+}
 
 // "a, b, c and 12 more"
 std::string some(const std::vector<std::string>& items, size_t limit = 6) {
@@ -33,7 +35,8 @@ WeightFiles::WeightFiles(const std::vector<std::string>& paths) {
 
 std::vector<std::string> WeightFiles::keys() const {
   std::vector<std::string> out;
-  for (const auto& item : index_) out.push_back(item.first);
+  for (const auto& item : index_)
+    out.push_back(item.first);
   return out;
 }
 
@@ -51,14 +54,17 @@ const std::string& WeightFiles::file_of(const std::string& name) const {
 }
 std::string WeightFiles::describe() const {
   std::vector<std::string> names;
-  for (const auto& f : files_) names.push_back(f->path());
+  for (const auto& f : files_)
+    names.push_back(f->path());
   return fmt::format("{}", fmt::join(names, ", "));
 }
 
 std::map<std::string, torch::Tensor> module_tensors(const torch::nn::Module& module) {
   std::map<std::string, torch::Tensor> out;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) out[item.key()] = item.value();
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) out[item.key()] = item.value();
+  for (const auto& item : module.named_parameters(/*recurse=*/true))
+    out[item.key()] = item.value();
+  for (const auto& item : module.named_buffers(/*recurse=*/true))
+    out[item.key()] = item.value();
   return out;
 }
 
@@ -80,7 +86,8 @@ void load_weights(torch::nn::Module& module, const WeightFiles& weights, const L
     if (!targets.count(name)) unexpected.push_back(name);
   if (!missing.empty() || !unexpected.empty() || !misshaped.empty()) {
     std::vector<std::string> parts;
-    if (!missing.empty()) parts.push_back(fmt::format("{} missing: {}", missing.size(), some(missing)));
+    if (!missing.empty())
+      parts.push_back(fmt::format("{} missing: {}", missing.size(), some(missing)));
     if (!unexpected.empty())
       parts.push_back(fmt::format("{} unexpected: {}", unexpected.size(), some(unexpected)));
     if (!misshaped.empty())

@@ -27,7 +27,8 @@ std::vector<std::string> find_weight_files(const std::string& dir, const std::st
         fail("{}: missing 'weight_map'", index.string());
       std::vector<std::string> shards;
       for (const auto& item : json["weight_map"].items()) {
-        if (!item.value().is_string()) fail("{}: weight_map['{}'] is not a file name", index.string(), item.key());
+        if (!item.value().is_string())
+          fail("{}: weight_map['{}'] is not a file name", index.string(), item.key());
         const auto shard = (fs::path(dir) / item.value().get<std::string>()).string();
         if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);
       }

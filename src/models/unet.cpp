@@ -19,8 +19,8 @@ void UNet2DConditionModelImpl::reset() {
   const int64_t temb = c.time_embed_dim();
   const int64_t ch0 = c.block_out_channels[0];
 
-  conv_in = register_module("conv_in", nn::Conv2d(c.in_channels, ch0, c.conv_in_kernel, 1,
-                                                  (c.conv_in_kernel - 1) / 2));
+  conv_in = register_module(
+      "conv_in", nn::Conv2d(c.in_channels, ch0, c.conv_in_kernel, 1, (c.conv_in_kernel - 1) / 2));
   // time_proj (Timesteps) has no parameters: nn::timestep_embedding in forward.
   time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch0, temb));
   if (c.addition_embed_type == "text_time") {
@@ -94,12 +94,15 @@ void UNet2DConditionModelImpl::reset() {
                                                     (c.conv_out_kernel - 1) / 2));
 }
 
-size_t UNet2DConditionModelImpl::num_skip_states() const { return skip_channels().size(); }
+size_t UNet2DConditionModelImpl::num_skip_states() const {
+  return skip_channels().size();
+}
 
 std::vector<int64_t> UNet2DConditionModelImpl::skip_channels() const {
   std::vector<int64_t> out = {config.block_out_channels[0]};  // conv_in output
   for (size_t i = 0; i < config.num_blocks(); ++i) {
-    for (int64_t l = 0; l < config.layers_per_block[i]; ++l) out.push_back(config.block_out_channels[i]);
+    for (int64_t l = 0; l < config.layers_per_block[i]; ++l)
+      out.push_back(config.block_out_channels[i]);
     if (i + 1 < config.num_blocks()) out.push_back(config.block_out_channels[i]);
   }
   return out;
@@ -116,15 +119,18 @@ void UNet2DConditionModelImpl::check_inputs(const UNetInputs& in) const {
   const auto& ehs = in.encoder_hidden_states;
   const int64_t cross = c.cross_attention_dim[0];
   if (!ehs.defined() || ehs.dim() != 3 || ehs.size(0) != B || ehs.size(2) != cross)
-    fail("input 'encoder_hidden_states': expected [{}, tokens, {}], got {}", B, cross, shape_str(ehs));
+    fail("input 'encoder_hidden_states': expected [{}, tokens, {}], got {}", B, cross,
+         shape_str(ehs));
   if (c.addition_embed_type == "text_time") {
     const int64_t time_ids = 6;  // original size, crop top-left, target size (SDXL)
-    const int64_t pooled = c.projection_class_embeddings_input_dim - time_ids * c.addition_time_embed_dim;
+    const int64_t pooled =
+        c.projection_class_embeddings_input_dim - time_ids * c.addition_time_embed_dim;
     if (!in.text_embeds.defined() || in.text_embeds.dim() != 2 || in.text_embeds.size(0) != B ||
         in.text_embeds.size(1) != pooled)
       fail("input 'text_embeds': expected [{}, {}], got {}", B, pooled, shape_str(in.text_embeds));
     if (!in.time_ids.defined() || in.time_ids.dim() != 2 || in.time_ids.size(0) != B ||
-        in.time_ids.size(1) * c.addition_time_embed_dim + pooled != c.projection_class_embeddings_input_dim)
+        in.time_ids.size(1) * c.addition_time_embed_dim + pooled !=
+            c.projection_class_embeddings_input_dim)
       fail("input 'time_ids': expected [{}, {}], got {}", B, time_ids, shape_str(in.time_ids));
   }
   if (!in.down_residuals.empty() && in.down_residuals.size() != num_skip_states())
@@ -150,16 +156,19 @@ torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   // Time embedding: sinusoidal in f32, then cast to the model dtype (diffusers get_time_embed).
   auto timesteps = in.timestep.reshape({-1}).to(sample.device());
   if (timesteps.size(0) == 1) timesteps = timesteps.expand({B});
-  auto t_emb = nn::timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos,
-                                      c.freq_shift).to(dtype);
+  auto t_emb =
+      nn::timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+          .to(dtype);
   auto emb = time_embedding(t_emb);
   if (add_embedding) {
     // SDXL: each of the six time ids gets its own embedding; [B, 6 * dim] after the pooled text.
-    auto time_embeds = nn::timestep_embedding(in.time_ids.reshape({-1}).to(sample.device()),
-                                              c.addition_time_embed_dim, c.flip_sin_to_cos,
-                                              c.freq_shift)
-                           .reshape({B, -1});
-    auto add_embeds = torch::cat({in.text_embeds.to(time_embeds.device()).to(torch::kFloat32), time_embeds}, -1).to(dtype);
+    auto time_embeds =
+        nn::timestep_embedding(in.time_ids.reshape({-1}).to(sample.device()),
+                               c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            .reshape({B, -1});
+    auto add_embeds =
+        torch::cat({in.text_embeds.to(time_embeds.device()).to(torch::kFloat32), time_embeds}, -1)
+            .to(dtype);
     emb = emb + add_embedding(add_embeds);
   }
   auto context = in.encoder_hidden_states.to(dtype);
@@ -182,7 +191,8 @@ torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   if (mid_block) sample = mid_block(sample, emb, context);
   if (in.mid_residual.defined()) {
     if (in.mid_residual.sizes() != sample.sizes())
-      fail("ControlNet residual 'mid': expected {}, got {}", shape_str(sample), shape_str(in.mid_residual));
+      fail("ControlNet residual 'mid': expected {}, got {}", shape_str(sample),
+           shape_str(in.mid_residual));
     sample = sample + in.mid_residual.to(dtype);
   }
 

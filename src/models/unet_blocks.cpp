@@ -28,7 +28,9 @@ nn::Transformer2DModel make_transformer(const UNetBlockOptions& o, int64_t chann
 
 }  // namespace
 
-DownBlockImpl::DownBlockImpl(const UNetBlockOptions& options_) : options(options_) { reset(); }
+DownBlockImpl::DownBlockImpl(const UNetBlockOptions& options_) : options(options_) {
+  reset();
+}
 
 void DownBlockImpl::reset() {
   resnets = register_module("resnets", torch::nn::ModuleList());
@@ -46,8 +48,8 @@ void DownBlockImpl::reset() {
     }
   }
   if (options.add_sampler) {
-    downsampler = nn::Downsample2D(options.out_channels, options.out_channels,
-                                   options.downsample_padding);
+    downsampler =
+        nn::Downsample2D(options.out_channels, options.out_channels, options.downsample_padding);
     downsamplers = register_module("downsamplers", torch::nn::ModuleList(downsampler));
   }
 }
@@ -68,7 +70,9 @@ std::pair<torch::Tensor, std::vector<torch::Tensor>> DownBlockImpl::forward(
   return {h, states};
 }
 
-MidBlockImpl::MidBlockImpl(const UNetBlockOptions& options_) : options(options_) { reset(); }
+MidBlockImpl::MidBlockImpl(const UNetBlockOptions& options_) : options(options_) {
+  reset();
+}
 
 void MidBlockImpl::reset() {
   const int64_t c = options.in_channels;
@@ -95,7 +99,9 @@ torch::Tensor MidBlockImpl::forward(const torch::Tensor& x, const torch::Tensor&
   return h;
 }
 
-UpBlockImpl::UpBlockImpl(const UNetBlockOptions& options_) : options(options_) { reset(); }
+UpBlockImpl::UpBlockImpl(const UNetBlockOptions& options_) : options(options_) {
+  reset();
+}
 
 void UpBlockImpl::reset() {
   resnets = register_module("resnets", torch::nn::ModuleList());

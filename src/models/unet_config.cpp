@@ -36,8 +36,8 @@ std::vector<int64_t> expand_layers(io::ConfigReader& reader, const std::string& 
 nlohmann::json layers_json(const std::vector<std::vector<int64_t>>& per_block) {
   nlohmann::json out = nlohmann::json::array();
   for (const auto& block : per_block) {
-    const bool uniform =
-        !block.empty() && std::all_of(block.begin(), block.end(), [&](int64_t v) { return v == block[0]; });
+    const bool uniform = !block.empty() && std::all_of(block.begin(), block.end(),
+                                                       [&](int64_t v) { return v == block[0]; });
     out.push_back(uniform ? nlohmann::json(block[0]) : nlohmann::json(block));
   }
   return out;
@@ -78,10 +78,14 @@ UNetConfig UNetConfig::from_json(const nlohmann::json& json, const std::string& 
                                              c.up_block_types.size(), n));
   for (const auto& t : c.down_block_types)
     if (t != kCrossAttnDown && t != kDown)
-      r.fail_key("down_block_types", fmt::format("block type '{}' is not supported (supported: {}, {})", t, kCrossAttnDown, kDown));
+      r.fail_key("down_block_types",
+                 fmt::format("block type '{}' is not supported (supported: {}, {})", t,
+                             kCrossAttnDown, kDown));
   for (const auto& t : c.up_block_types)
     if (t != kCrossAttnUp && t != kUp)
-      r.fail_key("up_block_types", fmt::format("block type '{}' is not supported (supported: {}, {})", t, kCrossAttnUp, kUp));
+      r.fail_key("up_block_types",
+                 fmt::format("block type '{}' is not supported (supported: {}, {})", t,
+                             kCrossAttnUp, kUp));
   if (!c.mid_block_type.empty() && c.mid_block_type != kMidCrossAttn)
     r.fail_key("mid_block_type", fmt::format("'{}' is not supported (supported: {}, null)",
                                              c.mid_block_type, kMidCrossAttn));
@@ -92,7 +96,8 @@ UNetConfig UNetConfig::from_json(const nlohmann::json& json, const std::string& 
     c.only_cross_attention.assign(n, oca.is_boolean() && oca.get<bool>());
   } else if (oca.is_array() && oca.size() == n) {
     for (const auto& v : oca) {
-      if (!v.is_boolean()) r.fail_key("only_cross_attention", "expected booleans, got " + oca.dump());
+      if (!v.is_boolean())
+        r.fail_key("only_cross_attention", "expected booleans, got " + oca.dump());
       c.only_cross_attention.push_back(v.get<bool>());
     }
   } else {
@@ -128,30 +133,34 @@ UNetConfig UNetConfig::from_json(const nlohmann::json& json, const std::string& 
     const int64_t up_layers = c.layers_per_block[down] + 1;
     if (!reverse.is_null()) {
       if (!reverse.is_array() || reverse.size() != n)
-        r.fail_key("reverse_transformer_layers_per_block",
-                   fmt::format("expected {} entries (one per up block), got {}", n, reverse.dump()));
+        r.fail_key(
+            "reverse_transformer_layers_per_block",
+            fmt::format("expected {} entries (one per up block), got {}", n, reverse.dump()));
       c.reverse_transformer_layers_per_block.push_back(
           expand_layers(r, "reverse_transformer_layers_per_block", reverse[i], up_layers));
     } else {
       const auto& d = c.transformer_layers_per_block[down];
       const bool uniform = std::all_of(d.begin(), d.end(), [&](int64_t v) { return v == d[0]; });
       if (!uniform)
-        r.fail_key("reverse_transformer_layers_per_block",
-                   "required when transformer_layers_per_block varies within a block (as diffusers)");
+        r.fail_key(
+            "reverse_transformer_layers_per_block",
+            "required when transformer_layers_per_block varies within a block (as diffusers)");
       c.reverse_transformer_layers_per_block.push_back(std::vector<int64_t>(up_layers, d[0]));
     }
   }
 
   if (!r.get_raw("num_attention_heads").is_null())
-    r.fail_key("num_attention_heads",
-               "is not supported (diffusers refuses it too; the head count is 'attention_head_dim')");
+    r.fail_key(
+        "num_attention_heads",
+        "is not supported (diffusers refuses it too; the head count is 'attention_head_dim')");
   c.num_heads = r.get_int_or_list("attention_head_dim", 8, n);
   c.use_linear_projection = r.get_bool("use_linear_projection", false);
   c.upcast_attention = r.get_bool("upcast_attention", false);
   c.addition_embed_type = r.get_string("addition_embed_type", "");
   if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time")
-    r.fail_key("addition_embed_type",
-               fmt::format("'{}' is not supported (supported: text_time, null)", c.addition_embed_type));
+    r.fail_key(
+        "addition_embed_type",
+        fmt::format("'{}' is not supported (supported: text_time, null)", c.addition_embed_type));
   c.addition_time_embed_dim = r.get_int("addition_time_embed_dim", 0);
   c.projection_class_embeddings_input_dim = r.get_int("projection_class_embeddings_input_dim", 0);
   r.get_raw("addition_embed_type_num_heads");  // used only by addition_embed_type "text"
@@ -173,7 +182,9 @@ UNetConfig UNetConfig::from_json(const nlohmann::json& json, const std::string& 
   for (const char* key : {"class_embed_type", "num_class_embeds", "encoder_hid_dim",
                           "encoder_hid_dim_type", "time_embedding_act_fn", "timestep_post_act",
                           "time_cond_proj_dim", "cross_attention_norm"}) {
-    if (!r.is_null(key)) r.fail_key(key, fmt::format("value {} is not supported (supported: null)", r.get_raw(key).dump()));
+    if (!r.is_null(key))
+      r.fail_key(key,
+                 fmt::format("value {} is not supported (supported: null)", r.get_raw(key).dump()));
     r.get_raw(key);
   }
   r.refuse_unknown_keys();
@@ -191,16 +202,18 @@ void UNetConfig::validate(const std::string& file) const {
       bad("block_out_channels", fmt::format("{} is not a positive multiple of norm_num_groups {}",
                                             block_out_channels[i], norm_num_groups));
     if (layers_per_block[i] <= 0) bad("layers_per_block", "must be positive");
-    const bool attn = down_block_types[i] == kCrossAttnDown || up_block_types[n - 1 - i] == kCrossAttnUp;
+    const bool attn =
+        down_block_types[i] == kCrossAttnDown || up_block_types[n - 1 - i] == kCrossAttnUp;
     if (attn && (num_heads[i] <= 0 || block_out_channels[i] % num_heads[i] != 0))
-      bad("attention_head_dim",
-          fmt::format("{} heads do not divide {} channels of block {}", num_heads[i], block_out_channels[i], i));
+      bad("attention_head_dim", fmt::format("{} heads do not divide {} channels of block {}",
+                                            num_heads[i], block_out_channels[i], i));
     if (attn && cross_attention_dim[i] <= 0) bad("cross_attention_dim", "must be positive");
   }
   if (!mid_block_type.empty() && block_out_channels.back() % num_heads.back() != 0)
     bad("attention_head_dim", "the last head count does not divide the mid block's channels");
   if (addition_embed_type == "text_time") {
-    if (addition_time_embed_dim <= 0) bad("addition_time_embed_dim", "required for addition_embed_type text_time");
+    if (addition_time_embed_dim <= 0)
+      bad("addition_time_embed_dim", "required for addition_embed_type text_time");
     if (projection_class_embeddings_input_dim <= 0)
       bad("projection_class_embeddings_input_dim", "required for addition_embed_type text_time");
   }
@@ -214,8 +227,10 @@ nlohmann::json UNetConfig::to_json() const {
   j["_class_name"] = "UNet2DConditionModel";
   j["_diffusers_version"] = "0.27.2";
   j["act_fn"] = "silu";
-  j["addition_embed_type"] = addition_embed_type.empty() ? nlohmann::json() : nlohmann::json(addition_embed_type);
-  j["addition_time_embed_dim"] = addition_time_embed_dim > 0 ? nlohmann::json(addition_time_embed_dim) : nlohmann::json();
+  j["addition_embed_type"] =
+      addition_embed_type.empty() ? nlohmann::json() : nlohmann::json(addition_embed_type);
+  j["addition_time_embed_dim"] =
+      addition_time_embed_dim > 0 ? nlohmann::json(addition_time_embed_dim) : nlohmann::json();
   j["attention_head_dim"] = num_heads;
   j["block_out_channels"] = block_out_channels;
   j["center_input_sample"] = center_input_sample;
@@ -236,10 +251,13 @@ nlohmann::json UNetConfig::to_json() const {
   j["only_cross_attention"] = only_cross_attention;
   j["out_channels"] = out_channels;
   j["projection_class_embeddings_input_dim"] =
-      projection_class_embeddings_input_dim > 0 ? nlohmann::json(projection_class_embeddings_input_dim) : nlohmann::json();
+      projection_class_embeddings_input_dim > 0
+          ? nlohmann::json(projection_class_embeddings_input_dim)
+          : nlohmann::json();
   j["reverse_transformer_layers_per_block"] = reverse_transformer_layers_per_block;
   j["sample_size"] = sample_size > 0 ? nlohmann::json(sample_size) : nlohmann::json();
-  j["time_embedding_dim"] = time_embedding_dim > 0 ? nlohmann::json(time_embedding_dim) : nlohmann::json();
+  j["time_embedding_dim"] =
+      time_embedding_dim > 0 ? nlohmann::json(time_embedding_dim) : nlohmann::json();
   j["transformer_layers_per_block"] = layers_json(transformer_layers_per_block);
   j["up_block_types"] = up_block_types;
   j["upcast_attention"] = upcast_attention;
@@ -283,8 +301,9 @@ UNetConfig UNetConfig::sdxl() {
 
 UNetConfig UNetConfig::sd15() {
   // runwayml/stable-diffusion-v1-5 unet/config.json
-  auto c = base({320, 640, 1280, 1280}, {kCrossAttnDown, kCrossAttnDown, kCrossAttnDown, kDown},
-                {kUp, kCrossAttnUp, kCrossAttnUp, kCrossAttnUp}, {8, 8, 8, 8}, {1, 1, 1, 1}, 2, 768);
+  auto c =
+      base({320, 640, 1280, 1280}, {kCrossAttnDown, kCrossAttnDown, kCrossAttnDown, kDown},
+           {kUp, kCrossAttnUp, kCrossAttnUp, kCrossAttnUp}, {8, 8, 8, 8}, {1, 1, 1, 1}, 2, 768);
   c.sample_size = 64;
   return c;
 }

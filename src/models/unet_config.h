@@ -13,15 +13,15 @@ namespace lightning::models {
 struct UNetConfig {
   int64_t in_channels = 4;
   int64_t out_channels = 4;
-  bool center_input_sample = false;  // sample -> 2 * sample - 1
-  bool flip_sin_to_cos = true;       // timestep embedding order [cos, sin]
-  double freq_shift = 0;             // downscale_freq_shift of the timestep embedding
+  bool center_input_sample = false;           // sample -> 2 * sample - 1
+  bool flip_sin_to_cos = true;                // timestep embedding order [cos, sin]
+  double freq_shift = 0;                      // downscale_freq_shift of the timestep embedding
   std::vector<std::string> down_block_types;  // CrossAttnDownBlock2D | DownBlock2D
   std::string mid_block_type = "UNetMidBlock2DCrossAttn";  // or "" (no mid block)
-  std::vector<std::string> up_block_types;    // CrossAttnUpBlock2D | UpBlock2D
-  std::vector<bool> only_cross_attention;     // per down block
-  std::vector<int64_t> block_out_channels;    // SDXL: 320, 640, 1280
-  std::vector<int64_t> layers_per_block;      // per down block (up blocks get one more)
+  std::vector<std::string> up_block_types;                 // CrossAttnUpBlock2D | UpBlock2D
+  std::vector<bool> only_cross_attention;                  // per down block
+  std::vector<int64_t> block_out_channels;                 // SDXL: 320, 640, 1280
+  std::vector<int64_t> layers_per_block;  // per down block (up blocks get one more)
   int64_t downsample_padding = 1;
   double mid_block_scale_factor = 1;  // output_scale_factor of the mid block's resnets
   double dropout = 0;
@@ -38,13 +38,13 @@ struct UNetConfig {
   std::vector<int64_t> num_heads;
   bool use_linear_projection = false;
   bool upcast_attention = false;
-  std::string addition_embed_type;      // "" or "text_time" (SDXL)
-  int64_t addition_time_embed_dim = 0;  // SDXL: 256 per time id
+  std::string addition_embed_type;                    // "" or "text_time" (SDXL)
+  int64_t addition_time_embed_dim = 0;                // SDXL: 256 per time id
   int64_t projection_class_embeddings_input_dim = 0;  // SDXL: 1280 + 6 * 256 = 2816
-  int64_t time_embedding_dim = 0;       // 0: block_out_channels[0] * 4
+  int64_t time_embedding_dim = 0;                     // 0: block_out_channels[0] * 4
   int64_t conv_in_kernel = 3;
   int64_t conv_out_kernel = 3;
-  int64_t sample_size = 0;              // informational (latent size the model was trained at)
+  int64_t sample_size = 0;  // informational (latent size the model was trained at)
 
   int64_t time_embed_dim() const {
     return time_embedding_dim > 0 ? time_embedding_dim : block_out_channels.at(0) * 4;

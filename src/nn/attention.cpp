@@ -13,8 +13,12 @@ namespace {
 int64_t g_chunk_bytes = 256ll << 20;
 }
 
-void set_attention_chunk_bytes(int64_t bytes) { g_chunk_bytes = std::max<int64_t>(bytes, 1); }
-int64_t attention_chunk_bytes() { return g_chunk_bytes; }
+void set_attention_chunk_bytes(int64_t bytes) {
+  g_chunk_bytes = std::max<int64_t>(bytes, 1);
+}
+int64_t attention_chunk_bytes() {
+  return g_chunk_bytes;
+}
 
 torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
                                            const torch::Tensor& v, double scale, bool upcast) {
@@ -36,8 +40,8 @@ torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::
   auto kt = k.reshape({B * H, Nk, D}).to(compute).transpose(1, 2);  // [BH, D, Nk]
   auto vf = v.reshape({B * H, Nk, D});
   const int64_t score_bytes_per_row = B * H * Nk * torch::elementSize(compute);
-  const int64_t rows = std::clamp<int64_t>(g_chunk_bytes / std::max<int64_t>(score_bytes_per_row, 1),
-                                           1, Nq);
+  const int64_t rows =
+      std::clamp<int64_t>(g_chunk_bytes / std::max<int64_t>(score_bytes_per_row, 1), 1, Nq);
   auto out = torch::empty({B * H, Nq, D}, q.options());
   for (int64_t start = 0; start < Nq; start += rows) {
     const int64_t end = std::min(Nq, start + rows);
@@ -49,7 +53,9 @@ torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::
   return out.view({B, H, Nq, D});
 }
 
-AttentionImpl::AttentionImpl(const AttentionOptions& options_) : options(options_) { reset(); }
+AttentionImpl::AttentionImpl(const AttentionOptions& options_) : options(options_) {
+  reset();
+}
 
 void AttentionImpl::reset() {
   const int64_t inner = options.heads() * options.head_dim();

@@ -4,8 +4,8 @@
 
 namespace lightning::nn {
 
-torch::Tensor timestep_embedding(const torch::Tensor& timesteps, int64_t dim,
-                                 bool flip_sin_to_cos, double freq_shift, double max_period) {
+torch::Tensor timestep_embedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
+                                 double freq_shift, double max_period) {
   const int64_t half = dim / 2;
   auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(timesteps.device());
   // exponent = -ln(max_period) * arange(half) / (half - shift), all in float32 as diffusers.

@@ -12,9 +12,8 @@ namespace lightning::nn {
 // Sinusoidal embedding of timesteps [N] (any numeric dtype) -> [N, dim] float32.
 // freqs_i = exp(-ln(max_period) * i / (dim/2 - freq_shift)), args = t * freqs (float32);
 // output [sin, cos], or [cos, sin] with flip_sin_to_cos; odd dims are zero-padded.
-torch::Tensor timestep_embedding(const torch::Tensor& timesteps, int64_t dim,
-                                 bool flip_sin_to_cos, double freq_shift,
-                                 double max_period = 10000.0);
+torch::Tensor timestep_embedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
+                                 double freq_shift, double max_period = 10000.0);
 
 // diffusers TimestepEmbedding with act_fn silu and no cond projection:
 // linear_1 -> SiLU -> linear_2.

@@ -26,20 +26,34 @@ namespace {
 std::atomic<bool> g_enabled{false};
 std::atomic<double> g_total{0.0};
 }  // namespace
-void enable(bool on) { g_enabled = on; }
-bool enabled() { return g_enabled.load(std::memory_order_relaxed); }
+void enable(bool on) {
+  g_enabled = on;
+}
+bool enabled() {
+  return g_enabled.load(std::memory_order_relaxed);
+}
 void add(double count) {
   double current = g_total.load(std::memory_order_relaxed);
   while (!g_total.compare_exchange_weak(current, current + count, std::memory_order_relaxed)) {
   }
 }
-double total() { return g_total.load(); }
-void reset() { g_total = 0.0; }
+double total() {
+  return g_total.load();
+}
+void reset() {
+  g_total = 0.0;
+}
 }  // namespace flops
 
-SkipInitGuard::SkipInitGuard() : previous_(t_skip_init) { t_skip_init = true; }
-SkipInitGuard::~SkipInitGuard() { t_skip_init = previous_; }
-bool SkipInitGuard::active() { return t_skip_init; }
+SkipInitGuard::SkipInitGuard() : previous_(t_skip_init) {
+  t_skip_init = true;
+}
+SkipInitGuard::~SkipInitGuard() {
+  t_skip_init = previous_;
+}
+bool SkipInitGuard::active() {
+  return t_skip_init;
+}
 
 LinearImpl::LinearImpl(int64_t in_features_, int64_t out_features_, bool bias_)
     : in_features(in_features_), out_features(out_features_), has_bias(bias_) {
@@ -77,8 +91,7 @@ void Conv2dImpl::reset() {
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
   auto y = torch::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
-  if (flops::enabled())
-    flops::add(2.0 * y.numel() * in_channels * kernel_size * kernel_size);
+  if (flops::enabled()) flops::add(2.0 * y.numel() * in_channels * kernel_size * kernel_size);
   return y;
 }
 

@@ -30,7 +30,8 @@ void Upsample2DImpl::reset() {
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x,
                                       c10::optional<std::vector<int64_t>> size) {
   namespace F = torch::nn::functional;
-  const std::vector<int64_t> out_size = size ? *size : std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2};
+  const std::vector<int64_t> out_size =
+      size ? *size : std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2};
   // Older libtorch has no bf16 nearest upsampling on CPU (pytorch#86679); as diffusers does,
   // go through f32, which is exact for a copy.
   const bool via_f32 = x.scalar_type() == torch::kBFloat16;

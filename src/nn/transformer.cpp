@@ -6,12 +6,14 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in_, int64_t dim_out_) : dim_in(dim_in_), dim_o
   reset();
 }
 
-void GEGLUImpl::reset() { proj = register_module("proj", Linear(dim_in, dim_out * 2)); }
+void GEGLUImpl::reset() {
+  proj = register_module("proj", Linear(dim_in, dim_out * 2));
+}
 
 torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
   auto h = proj(x);
-  auto parts = h.chunk(2, -1);                 // value (first half), gate (second half)
-  return parts[0] * torch::gelu(parts[1]);     // exact (erf) GELU
+  auto parts = h.chunk(2, -1);              // value (first half), gate (second half)
+  return parts[0] * torch::gelu(parts[1]);  // exact (erf) GELU
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t dim_, int64_t mult_, double dropout_)
@@ -43,17 +45,16 @@ void BasicTransformerBlockImpl::reset() {
   // With only_cross_attention, attn1 attends to the context as well.
   attn1 = register_module(
       "attn1", Attention(AttentionOptions(dim, options.heads(), options.head_dim())
-                             .cross_attention_dim(options.only_cross_attention()
-                                                      ? options.cross_attention_dim()
-                                                      : 0)
+                             .cross_attention_dim(
+                                 options.only_cross_attention() ? options.cross_attention_dim() : 0)
                              .upcast_attention(options.upcast_attention())
                              .dropout(options.dropout())));
   norm2 = register_module("norm2", LayerNorm(dim, eps));
-  attn2 = register_module(
-      "attn2", Attention(AttentionOptions(dim, options.heads(), options.head_dim())
-                             .cross_attention_dim(options.cross_attention_dim())
-                             .upcast_attention(options.upcast_attention())
-                             .dropout(options.dropout())));
+  attn2 =
+      register_module("attn2", Attention(AttentionOptions(dim, options.heads(), options.head_dim())
+                                             .cross_attention_dim(options.cross_attention_dim())
+                                             .upcast_attention(options.upcast_attention())
+                                             .dropout(options.dropout())));
   norm3 = register_module("norm3", LayerNorm(dim, eps));
   ff = register_module("ff", FeedForward(dim, 4, options.dropout()));
 }
@@ -74,7 +75,8 @@ Transformer2DModelImpl::Transformer2DModelImpl(const TransformerOptions& options
 void Transformer2DModelImpl::reset() {
   const int64_t in = options.in_channels();
   const int64_t inner = options.heads() * options.head_dim();
-  norm = register_module("norm", GroupNorm(options.norm_num_groups(), in, options.group_norm_eps()));
+  norm =
+      register_module("norm", GroupNorm(options.norm_num_groups(), in, options.group_norm_eps()));
   if (options.use_linear_projection()) {
     proj_in = torch::nn::AnyModule(register_module("proj_in", Linear(in, inner)));
   } else {
@@ -100,14 +102,15 @@ torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x,
   int64_t inner;
   if (options.use_linear_projection()) {
     h = h.permute({0, 2, 3, 1}).reshape({B, H * W, -1});  // [B, HW, C]
-    h = proj_in.forward(h);                                 // [B, HW, inner]
+    h = proj_in.forward(h);                               // [B, HW, inner]
     inner = h.size(2);
   } else {
     h = proj_in.forward(h);  // [B, inner, H, W]
     inner = h.size(1);
     h = h.permute({0, 2, 3, 1}).reshape({B, H * W, inner});
   }
-  for (auto& block : blocks) h = block(h, context);
+  for (auto& block : blocks)
+    h = block(h, context);
   if (options.use_linear_projection()) {
     h = proj_out.forward(h);
     h = h.reshape({B, H, W, -1}).permute({0, 3, 1, 2}).contiguous();
