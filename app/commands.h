@@ -7,6 +7,7 @@ namespace lightning::app {
 
 void add_forward_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
+void add_tokenize_command(CLI::App& app);
 
 // Adds the shared --threads option (default: all cores) to a compute subcommand.
 void add_threads_option(CLI::App& command, int* threads);

@@ -12,6 +12,7 @@ packages=(
   libtorch-dev          # libtorch 1.13 (CPU)
   libopenblas0-pthread  # fast BLAS behind libtorch's f32 matmul (the reference BLAS is ~50x slower)
   nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
+  libicu-dev zlib1g-dev # CLIP tokenizer: Unicode case mapping and regex; the .gz vocabulary
   libgtest-dev libgmock-dev
 )
 
