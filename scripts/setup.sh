@@ -13,6 +13,7 @@ packages=(
   libopenblas0-pthread  # fast BLAS behind libtorch's f32 matmul (the reference BLAS is ~50x slower)
   nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
   libicu-dev zlib1g-dev # CLIP tokenizer: Unicode case mapping and regex; the .gz vocabulary
+  dataset-fashion-mnist # the built-in training data (IDX files)
   libgtest-dev libgmock-dev
 )
 
