@@ -5,6 +5,8 @@
 #include <map>
 #include <regex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -69,6 +71,16 @@ models::UNetInputs unet_inputs(std::map<std::string, torch::Tensor> named, const
   return in;
 }
 
+// CLIP text: the only input is 'input_ids' (integer [B, T]).
+torch::Tensor clip_text_inputs(const std::map<std::string, torch::Tensor>& named,
+                               const std::string& file, const torch::Device& device) {
+  for (const auto& item : named)
+    if (item.first != "input_ids")
+      fail("{}: unknown input '{}' (expected input_ids)", file, item.first);
+  if (!named.count("input_ids")) fail("{}: missing input 'input_ids'", file);
+  return named.at("input_ids").to(device);
+}
+
 void run_forward(const ForwardArgs& args) {
   set_threads(args.threads);
   const auto device = parse_device(args.device);
@@ -76,15 +88,25 @@ void run_forward(const ForwardArgs& args) {
   if (!std::filesystem::exists(args.inputs)) fail("{}: no such file", args.inputs);
   auto named = io::load_safetensors(args.inputs);
   torch::NoGradGuard no_grad;
-  torch::Tensor out;
+  std::vector<std::pair<std::string, torch::Tensor>> outputs;
   if (args.kind == "unet") {
     auto unet = models::load_unet(args.model, {dtype, device, ""});
     auto inputs = unet_inputs(named, args.inputs, device);
-    out = unet->forward(inputs);
+    outputs.emplace_back("out", unet->forward(inputs));
+  } else if (args.kind == "clip-text") {
+    auto model = models::load_clip_text(args.model, {dtype, device, ""});
+    auto out = model->forward(clip_text_inputs(named, args.inputs, device));
+    outputs.emplace_back("last_hidden_state", out.last_hidden_state);
+    outputs.emplace_back("penultimate_hidden_state", out.penultimate_hidden_state);
+    outputs.emplace_back("pooler_output", out.pooler_output);
+    if (out.text_embeds.defined()) outputs.emplace_back("text_embeds", out.text_embeds);
   } else {
-    fail_usage("forward: model kind '{}' is not available yet (supported: unet)", args.kind);
+    fail_usage("forward: model kind '{}' is not available yet (supported: unet, clip-text)",
+               args.kind);
   }
-  io::save_safetensors(args.out, {{"out", out.to(torch::kCPU, torch::kFloat32).contiguous()}});
+  for (auto& item : outputs)
+    item.second = item.second.to(torch::kCPU, torch::kFloat32).contiguous();
+  io::save_safetensors(args.out, outputs);
 }
 
 }  // namespace
@@ -94,14 +116,17 @@ void add_forward_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "forward",
       "Run one forward pass of a diffusers-layout model on named inputs (parity checks).\n"
+      "Outputs: unet 'out'; clip-text 'last_hidden_state', 'penultimate_hidden_state', "
+      "'pooler_output' and, with a projection, 'text_embeds'.\n"
       "Example: lightning forward unet --model models/tiny-unet --inputs in.safetensors "
       "--out out.safetensors");
-  cmd->add_option("kind", args->kind, "Model kind: unet")
+  cmd->add_option("kind", args->kind, "Model kind: unet, clip-text")
       ->required()
       ->check(CLI::IsMember({"unet", "vae-decode", "vae-encode", "clip-text", "controlnet"}));
   cmd->add_option("--model", args->model, "Model directory (config.json + *.safetensors)")
       ->required();
-  cmd->add_option("--inputs", args->inputs, "Inputs (safetensors) with diffusers' names")
+  cmd->add_option("--inputs", args->inputs,
+                  "Inputs (safetensors) with diffusers' names (clip-text: input_ids)")
       ->required();
   cmd->add_option("--out", args->out, "Output file (safetensors); written atomically")->required();
   add_dtype_device_options(*cmd, &args->dtype, &args->device);

@@ -71,4 +71,24 @@ void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
   io::save_weights(*unet, (fs::path(dir) / "diffusion_pytorch_model.safetensors").string(), dtype);
 }
 
+CLIPTextModel make_clip_text_uninitialised(const CLIPTextConfig& config) {
+  nn::SkipInitGuard skip_init;
+  return CLIPTextModel(config);
+}
+
+CLIPTextModel load_clip_text(const std::string& dir_in, const ModelLoadOptions& options) {
+  const auto dir = resolve_component_dir(dir_in, "text_encoder");
+  const auto config_path = (fs::path(dir) / "config.json").string();
+  auto config = CLIPTextConfig::from_json(io::read_json_file(config_path), config_path);
+  io::WeightFiles weights(find_weight_files(dir, "model", options.variant));
+  if (!config.with_projection) config.with_projection = weights.contains("text_projection.weight");
+  auto model = make_clip_text_uninitialised(config);
+  const std::string position_ids = "text_model.embeddings.position_ids";
+  if (weights.contains(position_ids))
+    model->text_model->embeddings->accept_position_ids(weights.entry(position_ids).shape);
+  io::load_weights(*model, weights, {options.dtype, options.device}, dir);
+  model->eval();
+  return model;
+}
+
 }  // namespace lightning::models

@@ -9,6 +9,7 @@
 #include <torch/types.h>
 
 #include "io/state_dict.h"
+#include "models/clip_text.h"
 #include "models/unet.h"
 
 namespace lightning::models {
@@ -37,5 +38,15 @@ UNet2DConditionModel make_unet_uninitialised(const UNetConfig& config);
 // Writes a diffusers-layout UNet directory (config.json + diffusion_pytorch_model.safetensors).
 void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
                c10::optional<torch::ScalarType> dtype = c10::nullopt);
+
+// Builds a CLIP text encoder from DIR/config.json (or DIR/text_encoder/config.json) and loads
+// DIR/model[.<variant>].safetensors strictly (transformers' file names). Projection: as the
+// config's `architectures` says (CLIPTextModelWithProjection or CLIPTextModel); a config
+// without `architectures` gets one exactly when the weights hold text_projection.weight. A
+// `text_model.embeddings.position_ids` buffer (older files) is accepted and ignored.
+CLIPTextModel load_clip_text(const std::string& dir, const ModelLoadOptions& options);
+
+// Builds a CLIP text encoder without initialising its parameters, ready for load_weights.
+CLIPTextModel make_clip_text_uninitialised(const CLIPTextConfig& config);
 
 }  // namespace lightning::models

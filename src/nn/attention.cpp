@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include <ATen/ATen.h>
 #include <torch/version.h>
@@ -21,14 +22,15 @@ int64_t attention_chunk_bytes() {
 }
 
 torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
-                                           const torch::Tensor& v, double scale, bool upcast) {
+                                           const torch::Tensor& v, double scale, bool upcast,
+                                           bool causal) {
   // q k^T and probs v: 2 x (2 * Nq * Nk * D) per batch and head.
   if (flops::enabled()) flops::add(4.0 * q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3));
 #if LIGHTNING_HAS_SDPA
   // The fused kernel's default scale is 1/sqrt(head_dim), the only scale diffusers uses here.
   if (!upcast && std::abs(scale * std::sqrt(static_cast<double>(q.size(-1))) - 1.0) < 1e-9) {
     return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0,
-                                            /*is_causal=*/false);
+                                            /*is_causal=*/causal);
   }
 #endif
   // Portable path: fold heads into the batch and process query rows in chunks so that the
@@ -47,6 +49,13 @@ torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::
     const int64_t end = std::min(Nq, start + rows);
     auto scores = torch::bmm(qf.slice(1, start, end), kt);  // [BH, rows, Nk]
     scores.mul_(scale);
+    if (causal) {
+      // Query row r (absolute start + r) sees keys 0..start + r.
+      auto row = torch::arange(start, end, torch::kLong).unsqueeze(1);
+      auto col = torch::arange(Nk, torch::kLong).unsqueeze(0);
+      scores.masked_fill_((col > row).to(scores.device()),
+                          -std::numeric_limits<double>::infinity());
+    }
     auto probs = torch::softmax(scores, -1).to(vf.scalar_type());
     out.slice(1, start, end).copy_(torch::bmm(probs, vf));
   }

@@ -22,9 +22,11 @@ int64_t attention_chunk_bytes();
 // Uses libtorch's fused at::scaled_dot_product_attention where it exists (PyTorch >= 2.0,
 // unless `upcast` asks for f32 scores); otherwise computes in query chunks bounded by
 // attention_chunk_bytes(). `upcast` computes scores and softmax in f32 (diffusers'
-// upcast_attention) and returns the input dtype.
+// upcast_attention) and returns the input dtype. `causal` lets query i see keys 0..i only
+// (requires Nq == Nk; CLIP's text encoder).
 torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
-                                           const torch::Tensor& v, double scale, bool upcast);
+                                           const torch::Tensor& v, double scale, bool upcast,
+                                           bool causal = false);
 
 struct AttentionOptions {
   AttentionOptions(int64_t query_dim, int64_t heads, int64_t head_dim)

@@ -127,4 +127,21 @@ torch::Tensor LayerNormImpl::forward(const torch::Tensor& x) {
   return torch::layer_norm(x, {dim}, weight, bias, eps);
 }
 
+EmbeddingImpl::EmbeddingImpl(int64_t num_embeddings_, int64_t embedding_dim_)
+    : num_embeddings(num_embeddings_), embedding_dim(embedding_dim_) {
+  reset();
+}
+
+void EmbeddingImpl::reset() {
+  weight = register_parameter("weight", torch::empty({num_embeddings, embedding_dim}));
+  if (!SkipInitGuard::active()) {
+    torch::NoGradGuard no_grad;
+    weight.normal_();
+  }
+}
+
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
+  return torch::embedding(weight, ids);
+}
+
 }  // namespace lightning::nn

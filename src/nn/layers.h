@@ -90,4 +90,17 @@ class LayerNormImpl : public torch::nn::Cloneable<LayerNormImpl> {
 };
 TORCH_MODULE(LayerNorm);
 
+// Mirrors torch.nn.Embedding: a "weight" table [num_embeddings, dim] indexed by integer ids,
+// N(0, 1) init (skipped under SkipInitGuard). Ids must be in range (callers check and name them).
+class EmbeddingImpl : public torch::nn::Cloneable<EmbeddingImpl> {
+ public:
+  EmbeddingImpl(int64_t num_embeddings, int64_t embedding_dim);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& ids);  // [...] integer -> [..., dim]
+
+  int64_t num_embeddings, embedding_dim;
+  torch::Tensor weight;
+};
+TORCH_MODULE(Embedding);
+
 }  // namespace lightning::nn
