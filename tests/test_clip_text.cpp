@@ -18,12 +18,8 @@ namespace {
 
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
-
-// max |a - b| / max |b|: the tolerance measure of the issue.
-double relative_error(const torch::Tensor& actual, const torch::Tensor& expected) {
-  return (actual.to(torch::kFloat64) - expected.to(torch::kFloat64)).abs().max().item<double>() /
-         expected.to(torch::kFloat64).abs().max().item<double>();
-}
+using test::ParityCase;
+using test::relative_error;
 
 std::string fixture(const std::string& name) {
   return test::source_path("tests/fixtures/clip-text/" + name);
@@ -55,15 +51,6 @@ double max_error(const std::string& model, const std::string& suffix, torch::Sca
     worst = std::max(worst, err);
   }
   return worst;
-}
-
-struct ParityCase {
-  const char* model;
-  const char* suffix;
-};
-
-void PrintTo(const ParityCase& c, std::ostream* os) {
-  *os << c.model << c.suffix;
 }
 
 class CLIPTextParity : public ::testing::TestWithParam<ParityCase> {};

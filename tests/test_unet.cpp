@@ -19,12 +19,8 @@ namespace {
 
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
-
-// max |a - b| / max |b|: the tolerance measure of the issue.
-double relative_error(const torch::Tensor& actual, const torch::Tensor& expected) {
-  return (actual.to(torch::kFloat64) - expected.to(torch::kFloat64)).abs().max().item<double>() /
-         expected.to(torch::kFloat64).abs().max().item<double>();
-}
+using test::ParityCase;
+using test::relative_error;
 
 models::UNetInputs read_inputs(const std::string& path) {
   auto named = io::load_safetensors(path);
@@ -38,15 +34,6 @@ models::UNetInputs read_inputs(const std::string& path) {
     in.down_residuals.push_back(named.at("down_" + std::to_string(i)));
   if (named.count("mid")) in.mid_residual = named.at("mid");
   return in;
-}
-
-struct ParityCase {
-  const char* model;
-  const char* suffix;
-};
-
-void PrintTo(const ParityCase& c, std::ostream* os) {
-  *os << c.model << c.suffix;
 }
 
 class UNetParity : public ::testing::TestWithParam<ParityCase> {};

@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 namespace lightning::test {
 
@@ -24,6 +25,15 @@ std::string temp_dir() {
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir.string();
+}
+
+double relative_error(const torch::Tensor& actual, const torch::Tensor& expected) {
+  const auto a = actual.to(torch::kFloat64), e = expected.to(torch::kFloat64);
+  return (a - e).abs().max().item<double>() / e.abs().max().item<double>();
+}
+
+void PrintTo(const ParityCase& c, std::ostream* os) {
+  *os << c.model << c.suffix;
 }
 
 CommandResult run_lightning(const std::string& args) {
