@@ -14,6 +14,7 @@ packages=(
   nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
   libicu-dev zlib1g-dev # CLIP tokenizer: Unicode case mapping and regex; the .gz vocabulary
   dataset-fashion-mnist # the built-in training data (IDX files)
+  libpng-dev            # PNG images with text metadata
   libgtest-dev libgmock-dev
 )
 
