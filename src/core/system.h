@@ -20,7 +20,8 @@ bool cpu_has_avx512_bf16();
 // glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap and
 // unmaps it on free, so each large activation of a UNet forward page-faults anew (~0.3 GB/s).
 // Serving everything from the never-trimmed heap removes those faults: the SDXL 64x64 f32 step
-// went from 21.9 s to 18.6 s on the project machine (docs/benchmarks.md). Called once by the CLI.
+// went from 21.9 s to 18.6 s on the project machine with these settings given through
+// GLIBC_TUNABLES (docs/benchmarks.md). Called once by the CLI.
 void tune_allocator();
 
 // Resident set size now and its high-water mark, in bytes (/proc/self/status VmRSS, VmHWM).
