@@ -15,6 +15,8 @@ packages=(
   libicu-dev zlib1g-dev # CLIP tokenizer: Unicode case mapping and regex; the .gz vocabulary
   dataset-fashion-mnist # the built-in training data (IDX files)
   libpng-dev            # PNG images with text metadata
+  libtomlplusplus-dev   # training recipes (TOML)
+  libstb-dev            # stb_easy_font: labels of loss-curve plots
   libgtest-dev libgmock-dev
 )
 

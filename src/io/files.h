@@ -1,0 +1,17 @@
+// Whole directories written atomically: build the new contents in a temporary sibling, then
+// swap it in, so a reader (or a crash) never sees a half-written model or checkpoint and an
+// existing directory is replaced only once its successor is complete.
+#pragma once
+
+#include <functional>
+#include <string>
+
+namespace lightning::io {
+
+// Calls `fill(tmp)` with an empty temporary directory beside `target`, then renames it to
+// `target` (the previous `target`, if any, is removed after the rename). If `fill` throws, the
+// temporary directory is removed and `target` is untouched.
+void write_directory_atomic(const std::string& target,
+                            const std::function<void(const std::string& tmp)>& fill);
+
+}  // namespace lightning::io
