@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_config.h"
 
 namespace lightning::text {
 namespace {
@@ -496,6 +497,78 @@ CLIPEncoding CLIPTokenizer::encode_padded(const std::string& text, int64_t pad_i
   enc.input_ids = std::move(ids);
   enc.input_ids.resize(max_length, pad_id);
   return enc;
+}
+
+}  // namespace lightning::text
+
+namespace lightning::text {
+
+CLIPTokenizer CLIPTokenizer::restricted_to(const std::vector<std::string>& texts) const {
+  // The merge that creates each merged symbol (its lowest rank: CLIP's merged symbols are unique).
+  std::unordered_map<std::string, size_t> producer;
+  for (size_t i = 0; i < merges_.size(); ++i)
+    producer.emplace(merges_[i].first + merges_[i].second, i);
+  std::vector<bool> keep(merges_.size(), false);
+  std::vector<std::string> pending;
+  const auto& encoder = byte_encoder();
+  for (const auto& text : texts)
+    for (const auto& piece : pre_tokenize(clean_text(text))) {
+      if (piece == kStartOfText || piece == kEndOfText) continue;
+      std::string token;
+      for (unsigned char b : piece)
+        token += encoder[b];
+      for (auto& symbol : bpe(token))
+        pending.push_back(symbol);
+    }
+  // Every merge on the way to a kept symbol is kept too, so BPE takes the same path.
+  while (!pending.empty()) {
+    std::string symbol = std::move(pending.back());
+    pending.pop_back();
+    auto it = producer.find(symbol);
+    if (it == producer.end() || keep[it->second]) continue;
+    keep[it->second] = true;
+    pending.push_back(merges_[it->second].first);
+    pending.push_back(merges_[it->second].second);
+  }
+  std::unordered_map<std::string, int64_t> vocab;
+  std::vector<std::pair<std::string, std::string>> merges;
+  int64_t next = 0;
+  for (const auto& [byte, symbol] : bytes_to_unicode())
+    vocab.emplace(symbol, next++);
+  for (const auto& [byte, symbol] : bytes_to_unicode())
+    vocab.emplace(symbol + kWordEnd, next++);
+  for (size_t i = 0; i < merges_.size(); ++i)
+    if (keep[i]) {
+      merges.push_back(merges_[i]);
+      vocab.emplace(merges_[i].first + merges_[i].second, next++);
+    }
+  vocab.emplace(kStartOfText, next++);
+  vocab.emplace(kEndOfText, next++);
+  return CLIPTokenizer(std::move(vocab), std::move(merges), "restricted vocabulary");
+}
+
+void CLIPTokenizer::save(const std::string& dir) const {
+  std::filesystem::create_directories(dir);
+  nlohmann::json vocab = nlohmann::json::object();
+  for (const auto& [token, id] : encoder_)
+    vocab[token] = id;
+  io::write_file_atomic(dir + "/vocab.json", vocab.dump());
+  std::string merges = "#version: 0.2\n";
+  for (const auto& [first, second] : merges_)
+    merges += first + " " + second + "\n";
+  io::write_file_atomic(dir + "/merges.txt", merges);
+  nlohmann::json special = {{"bos_token", kStartOfText},
+                            {"eos_token", kEndOfText},
+                            {"unk_token", kEndOfText},
+                            {"pad_token", kEndOfText}};
+  io::write_json_file(dir + "/special_tokens_map.json", special);
+  nlohmann::json config = special;
+  config["tokenizer_class"] = "CLIPTokenizer";
+  config["model_max_length"] = kContextLength;
+  config["do_lower_case"] = true;
+  config["clean_up_tokenization_spaces"] = true;
+  config["errors"] = "replace";
+  io::write_json_file(dir + "/tokenizer_config.json", config);
 }
 
 }  // namespace lightning::text

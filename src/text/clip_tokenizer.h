@@ -59,6 +59,16 @@ class CLIPTokenizer {
 
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }
+  // A tokenizer with CLIP's structure (the 512 byte symbols, merges in rank order, the two
+  // special tokens) restricted to the merges that `texts` use: it tokenizes those texts into
+  // the same symbols as this one (ids renumbered), and any other text into smaller pieces.
+  // A small model trained on a fixed caption set needs a few hundred embeddings instead of
+  // 49,408.
+  CLIPTokenizer restricted_to(const std::vector<std::string>& texts) const;
+  // Writes transformers' tokenizer directory: vocab.json, merges.txt, tokenizer_config.json
+  // and special_tokens_map.json (pad token "<|endoftext|>", model_max_length 77). Files are
+  // written atomically.
+  void save(const std::string& dir) const;
   // Id of a vocabulary entry (e.g. "!" or "cat</w>"); -1 when absent.
   int64_t token_to_id(const std::string& token) const;
   const std::unordered_map<std::string, int64_t>& vocab() const { return encoder_; }
