@@ -14,27 +14,12 @@
 namespace lightning::app {
 namespace {
 
-const char* const kShippedVocab = "clip/bpe_simple_vocab_16e6.txt.gz";
-
 struct TokenizeArgs {
   std::string vocab;
   std::vector<std::string> texts;
   int64_t max_length = 0;  // 0: no truncation or padding
   int64_t pad = -1;        // -1: the end-of-text id
 };
-
-// The vocabulary shipped in data/: beside the program (build/../data), else the source tree.
-std::string shipped_vocab() {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const auto exe_dir = fs::read_symlink("/proc/self/exe", ec).parent_path();
-  std::vector<fs::path> candidates;
-  if (!ec) candidates = {exe_dir / "data" / kShippedVocab, exe_dir / ".." / "data" / kShippedVocab};
-  candidates.push_back(fs::path(LIGHTNING_DATA_DIR) / kShippedVocab);
-  for (const auto& c : candidates)
-    if (fs::exists(c)) return c.string();
-  fail("{}: shipped vocabulary not found (pass --vocab)", candidates.back().string());
-}
 
 void run_tokenize(const TokenizeArgs& args) {
   const auto tokenizer =

@@ -71,6 +71,13 @@ void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
   io::save_weights(*unet, (fs::path(dir) / "diffusion_pytorch_model.safetensors").string(), dtype);
 }
 
+void save_clip_text(const CLIPTextModel& model, const std::string& dir,
+                    c10::optional<torch::ScalarType> dtype) {
+  fs::create_directories(dir);
+  io::write_json_file((fs::path(dir) / "config.json").string(), model->config.to_json());
+  io::save_weights(*model, (fs::path(dir) / "model.safetensors").string(), dtype);
+}
+
 CLIPTextModel make_clip_text_uninitialised(const CLIPTextConfig& config) {
   nn::SkipInitGuard skip_init;
   return CLIPTextModel(config);

@@ -46,6 +46,9 @@ void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
 // `text_model.embeddings.position_ids` buffer (older files) is accepted and ignored.
 CLIPTextModel load_clip_text(const std::string& dir, const ModelLoadOptions& options);
 
+// Writes a transformers-layout text encoder directory (config.json + model.safetensors).
+void save_clip_text(const CLIPTextModel& model, const std::string& dir,
+                    c10::optional<torch::ScalarType> dtype = c10::nullopt);
 // Builds a CLIP text encoder without initialising its parameters, ready for load_weights.
 CLIPTextModel make_clip_text_uninitialised(const CLIPTextConfig& config);
 

@@ -1,0 +1,162 @@
+// `lightning generate`: text-to-image with a model directory or a shipped model (DESIGN.md
+// contract). Every PNG carries an A1111-style "parameters" text chunk that reproduces it.
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "app/commands.h"
+#include "app/device.h"
+#include "core/error.h"
+#include "core/progress.h"
+#include "core/system.h"
+#include "generate/pipeline.h"
+#include "io/image.h"
+
+namespace lightning::app {
+namespace {
+namespace fs = std::filesystem;
+
+struct GenerateArgs {
+  std::string model = "fmnist-teacher";
+  std::string prompt, negative_prompt;
+  std::optional<int64_t> steps;
+  std::optional<double> guidance;
+  std::string sampler, spacing, prediction;
+  std::optional<uint64_t> seed;
+  int64_t batch = 1, height = 0, width = 0;
+  std::string out, out_dir;
+  std::string dtype = "f32", device = "cpu";
+  int threads = 0;
+};
+
+// Refuses an output location that cannot be written before any work is done.
+void check_writable_dir(const fs::path& dir, const std::string& flag) {
+  if (!fs::is_directory(dir)) fail_usage("{} {}: the directory does not exist", flag, dir.string());
+  if (::access(dir.c_str(), W_OK) != 0)
+    fail_usage("{} {}: the directory is not writable", flag, dir.string());
+}
+
+void run_generate(const GenerateArgs& a) {
+  set_threads(a.threads);
+  if (a.out.empty() == a.out_dir.empty())
+    fail_usage("give exactly one of --out FILE.png and --out-dir DIR");
+  if (!a.out.empty()) {
+    fs::path out(a.out);
+    if (out.extension() != ".png") fail_usage("--out {}: the file name must end in .png", a.out);
+    if (fs::is_directory(out)) fail_usage("--out {}: is a directory (use --out-dir)", a.out);
+    check_writable_dir(out.parent_path().empty() ? fs::path(".") : out.parent_path(), "--out");
+  } else {
+    std::error_code ec;
+    fs::create_directories(a.out_dir, ec);
+    check_writable_dir(a.out_dir, "--out-dir");
+  }
+  if (a.steps && *a.steps < 1) fail_usage("--steps must be >= 1, got {}", *a.steps);
+
+  const auto device = parse_device(a.device);
+  models::ModelLoadOptions load;
+  load.device = device;
+  load.dtype = parse_dtype(a.dtype, device);
+  const auto dir = generate::resolve_model_dir(a.model, shipped_models_root());
+  const auto model = generate::load_model(dir, load);
+
+  generate::GenerateRequest req;
+  req.prompts.assign(static_cast<size_t>(a.batch), a.prompt);
+  req.negative_prompt = a.negative_prompt;
+  req.steps = a.steps.value_or(0);
+  req.guidance_scale = a.guidance;
+  if (!a.sampler.empty()) req.sampler = diffusion::parse_sampler_kind(a.sampler);
+  if (!a.spacing.empty())
+    req.timestep_spacing = diffusion::parse_timestep_spacing(a.spacing, "--timestep-spacing");
+  if (!a.prediction.empty())
+    req.prediction_type = diffusion::parse_prediction_type(a.prediction, "--prediction-type");
+  req.seed = a.seed ? *a.seed : (std::random_device{}() & 0xFFFFFFFFu);
+  req.height = a.height;
+  req.width = a.width;
+  const auto resolved = generate::resolve_request(model, req);
+  if (!a.seed) spdlog::info("generate: seed {}", resolved.seed);
+
+  std::unique_ptr<ProgressBar> bar;
+  auto images = generate::generate(model, resolved, [&](int64_t done, int64_t total) {
+    if (!bar) bar = std::make_unique<ProgressBar>("generate", total, "step");
+    bar->update(done);
+  });
+  if (bar) bar->finish();
+  const auto pixels = io::to_uint8_image(images);
+  if (!a.out.empty()) {
+    std::map<std::string, std::string> text{{"Software", "lightning.cpp"}};
+    if (a.batch == 1) {
+      text["parameters"] = generate::parameters_text(model, resolved, 0);
+      io::write_png(a.out, pixels[0], text);
+    } else {
+      text["parameters"] = generate::parameters_text(model, resolved, 0) +
+                           fmt::format(", Batch: {} (grid, seeds {}..{}, row-major)", a.batch,
+                                       resolved.seed, resolved.seed + a.batch - 1);
+      io::write_png(a.out, io::make_grid(pixels), text);
+    }
+    std::printf("%s\n", a.out.c_str());
+    return;
+  }
+  for (int64_t i = 0; i < a.batch; ++i) {
+    auto path =
+        (fs::path(a.out_dir) / fmt::format("{:03d}-seed{}.png", i, resolved.seed + i)).string();
+    io::write_png(
+        path, pixels[i],
+        {{"parameters", generate::parameters_text(model, resolved, static_cast<size_t>(i))},
+         {"Software", "lightning.cpp"}});
+    std::printf("%s\n", path.c_str());
+  }
+}
+
+}  // namespace
+
+void add_generate_command(CLI::App& app) {
+  auto args = std::make_shared<GenerateArgs>();
+  auto* cmd = app.add_subcommand(
+      "generate",
+      "Generate images from a text prompt. Without --steps/--guidance/--sampler the model's own "
+      "recommended settings are used.\n"
+      "Examples: lightning generate --prompt \"a photo of a sneaker\" --out sneaker.png\n"
+      "          lightning generate --model fmnist-teacher --prompt \"an ankle boot\" --steps 8 "
+      "--sampler ddim --seed 7 --batch 16 --out grid.png\n"
+      "          lightning generate --prompt \"a bag\" --batch 4 --seed 1 --out-dir out/");
+  cmd->add_option("--model", args->model, "Model directory or shipped model name (models/<name>)")
+      ->capture_default_str();
+  cmd->add_option("--prompt", args->prompt, "The text prompt (\"\" = unconditional)")->required();
+  cmd->add_option("--negative-prompt", args->negative_prompt,
+                  "Prompt of the unconditional branch of classifier-free guidance");
+  cmd->add_option("--steps", args->steps, "Sampling steps (default: the model's recommendation)");
+  cmd->add_option("--guidance", args->guidance,
+                  "Classifier-free guidance scale; <= 1 disables it (default: the model's)");
+  cmd->add_option("--sampler", args->sampler, "euler or ddim (default: the model's)")
+      ->check(CLI::IsMember({"euler", "ddim"}));
+  cmd->add_option("--timestep-spacing", args->spacing,
+                  "Override the scheduler's spacing: trailing, leading, linspace")
+      ->check(CLI::IsMember({"trailing", "leading", "linspace"}));
+  cmd->add_option("--prediction-type", args->prediction,
+                  "Override what the model predicts: epsilon, v_prediction, sample")
+      ->check(CLI::IsMember({"epsilon", "v_prediction", "sample"}));
+  cmd->add_option("--seed", args->seed,
+                  "Seed of the first image (image i uses seed + i; default: random)");
+  cmd->add_option("--batch", args->batch, "Number of images")
+      ->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  cmd->add_option("--height", args->height, "Image height (default: the model's sample size)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--width", args->width, "Image width (default: the model's sample size)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--out", args->out, "Output PNG: the image, or a grid of the batch");
+  cmd->add_option("--out-dir", args->out_dir, "Output directory: one PNG per image");
+  add_dtype_device_options(*cmd, &args->dtype, &args->device);
+  add_threads_option(*cmd, &args->threads);
+  cmd->callback([args] { run_generate(*args); });
+}
+
+}  // namespace lightning::app
