@@ -47,7 +47,7 @@ class Canvas {
   // Text in stb_easy_font's font (glyphs ~6 px high at scale 1), top-left at (x, y).
   void text(double x, double y, const std::string& s, double scale, Color c) {
     if (s.empty()) return;
-    std::vector<char> buffer(s.size() * 270 + 64);
+    std::vector<char> buffer(s.size() * 1024 + 64);  // generous: glyphs take up to ~14 quads
     std::vector<char> str(s.begin(), s.end());
     str.push_back('\0');
     unsigned char color[4] = {c[0], c[1], c[2], 255};
