@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -34,11 +35,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
-torch::ScalarType parse_save_dtype(const std::string& value, io::ConfigReader& r) {
+// The weights type of `save_dtype`; nullopt for an unknown name.
+std::optional<torch::ScalarType> save_dtype_of(const std::string& value) {
   if (value == "float32") return torch::kFloat32;
   if (value == "float16") return torch::kFloat16;
   if (value == "bfloat16") return torch::kBFloat16;
-  r.fail_key("save_dtype", fmt::format("'{}' is not one of float32, float16, bfloat16", value));
+  return std::nullopt;
 }
 
 nlohmann::json section(io::ConfigReader& root, const std::string& key) {
@@ -76,7 +78,7 @@ class EpochSampler {
         perm_ = torch::randperm(n_, torch_generator(mix_seed(seed_, 1, epoch)), torch::kInt64);
         epoch_ = epoch;
       }
-      acc[i] = perm_[k % n_].item<int64_t>();
+      acc[i] = perm_.data_ptr<int64_t>()[k % n_];
     }
     return out;
   }
@@ -181,7 +183,9 @@ TeacherRecipe TeacherRecipe::from_json(const nlohmann::json& json, const std::st
     r.caption_dropout = t.get_double("caption_dropout", r.caption_dropout);
     r.snr_gamma = t.get_double("snr_gamma", r.snr_gamma);
     r.save_dtype = t.get_string("save_dtype", r.save_dtype);
-    parse_save_dtype(r.save_dtype, t);
+    if (!save_dtype_of(r.save_dtype))
+      t.fail_key("save_dtype",
+                 fmt::format("'{}' is not one of float32, float16, bfloat16", r.save_dtype));
     if (r.steps < 1) t.fail_key("steps", fmt::format("must be >= 1, got {}", r.steps));
     if (r.batch_size < 1)
       t.fail_key("batch_size", fmt::format("must be >= 1, got {}", r.batch_size));
@@ -281,6 +285,10 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
     }
   const auto empty_ids = torch::tensor(
       tokenizer->encode_padded("", tokenizer->eos_id(), context).input_ids, torch::kInt64);
+  // Every caption's ids as one table (class-major, then template), the empty caption last.
+  const auto caption_table =
+      torch::cat({caption_ids.view({-1, context}), empty_ids.view({1, context})});
+  const int64_t empty_row = caption_table.size(0) - 1;
 
   // Models, EMA copies and the optimiser.
   torch::manual_seed(mix_seed(recipe.seed, 0, 0));
@@ -452,15 +460,18 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
       auto flip = torch::rand({recipe.batch_size}, gen) < 0.5;
       x0 = torch::where(flip.view({-1, 1, 1, 1}), x0.flip({3}), x0);
     }
-    auto batch_labels = labels.index_select(0, index);
-    auto ids = torch::empty({recipe.batch_size, context}, torch::kInt64);
+    const auto batch_labels = labels.index_select(0, index);
+    const auto* label = batch_labels.data_ptr<int64_t>();
+    auto rows = torch::empty({recipe.batch_size}, torch::kInt64);  // rows of caption_table
+    auto* row = rows.data_ptr<int64_t>();
     std::uniform_real_distribution<double> uniform(0.0, 1.0);
     std::uniform_int_distribution<int64_t> pick(0, static_cast<int64_t>(templates) - 1);
     for (int64_t i = 0; i < recipe.batch_size; ++i) {
       bool drop = uniform(rng) < recipe.caption_dropout;
       int64_t t = pick(rng);
-      ids[i] = drop ? empty_ids : caption_ids[batch_labels[i].item<int64_t>()][t];
+      row[i] = drop ? empty_row : label[i] * static_cast<int64_t>(templates) + t;
     }
+    const auto ids = caption_table.index_select(0, rows);
     auto t = torch::randint(0, T, {recipe.batch_size}, gen, torch::kInt64);
     auto eps = torch::randn(x0.sizes(), gen, torch::kFloat32);
     auto ab = alphas_cumprod.index_select(0, t);
@@ -551,8 +562,7 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
   }
 
   // The model: EMA weights, the restricted tokenizer, the scheduler and recommendations.
-  io::ConfigReader dummy(nlohmann::json::object(), recipe.file);
-  const auto dtype = parse_save_dtype(recipe.save_dtype, dummy);
+  const auto dtype = *save_dtype_of(recipe.save_dtype);  // checked when the recipe was read
   const auto model_dir = (out / "model").string();
   generate::save_model(
       sample_model, model_dir,
