@@ -9,6 +9,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -36,6 +37,8 @@ struct GenerateArgs {
   std::string out, out_dir;
   std::string dtype = "f32", device = "cpu";
   int threads = 0;
+  std::vector<std::string> loras;
+  bool lora_allow_partial = false;
 };
 
 // Refuses an output location that cannot be written before any work is done.
@@ -60,13 +63,17 @@ void run_generate(const GenerateArgs& a) {
     check_writable_dir(a.out_dir, "--out-dir");
   }
   if (a.steps && *a.steps < 1) fail_usage("--steps must be >= 1, got {}", *a.steps);
+  std::vector<generate::LoRASpec> loras;
+  for (const auto& value : a.loras)
+    loras.push_back(generate::LoRASpec::parse(value));
 
   const auto device = parse_device(a.device);
   models::ModelLoadOptions load;
   load.device = device;
   load.dtype = parse_dtype(a.dtype, device);
   const auto dir = generate::resolve_model_dir(a.model, shipped_models_root());
-  const auto model = generate::load_model(dir, load);
+  auto model = generate::load_model(dir, load);
+  generate::apply_loras(model, loras, a.lora_allow_partial);
 
   generate::GenerateRequest req;
   req.prompts.assign(static_cast<size_t>(a.batch), a.prompt);
@@ -152,6 +159,11 @@ void add_generate_command(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--width", args->width, "Image width (default: the model's sample size)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--lora", args->loras,
+                  "LoRA file to merge, FILE or FILE:SCALE (repeatable; kohya lora_unet_/lora_te_ "
+                  "or diffusers/PEFT lora_A/lora_B keys)");
+  cmd->add_flag("--lora-allow-partial", args->lora_allow_partial,
+                "Apply a LoRA even when some of its keys match no layer (skipped with a warning)");
   cmd->add_option("--out", args->out, "Output PNG: the image, or a grid of the batch");
   cmd->add_option("--out-dir", args->out_dir, "Output directory: one PNG per image");
   add_dtype_device_options(*cmd, &args->dtype, &args->device);

@@ -7,6 +7,8 @@
 #include "core/error.h"
 #include "generate/pipeline.h"
 #include "io/image.h"
+#include "io/safetensors.h"
+#include "models/lora.h"
 #include "test_util.h"
 #include "text/clip_tokenizer.h"
 #include "text/utf8.h"
@@ -175,4 +177,45 @@ TEST(Cli, GenerateBadInputIsOneLineAndNonZero) {
                                dir + "/long.png");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("truncated"), std::string::npos) << r.output;
+}
+
+TEST(Cli, GenerateAppliesKohyaLoRAsWithAScale) {
+  const auto dir = test::temp_dir();
+  {  // A random LoRA for the shipped teacher's UNet, in kohya format.
+    auto model = generate::load_model(test::source_path("models/fmnist-teacher"), {});
+    torch::manual_seed(5);
+    models::attach_lora(*model.unet, {4, 4, {"conv_in", "conv_out", "time_embedding"}});
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : models::lora_parameters(*model.unet))
+      if (name.find("lora_up") != std::string::npos) t.normal_(0, 0.2);
+    models::save_kohya_lora(*model.unet, dir + "/style.safetensors");
+    io::save_safetensors(dir + "/other.safetensors",
+                         {{"lora_unet_nowhere.lora_down.weight", torch::zeros({2, 8})},
+                          {"lora_unet_nowhere.lora_up.weight", torch::zeros({8, 2})}});
+  }
+  const std::string common = "generate --prompt 'a photo of a bag' --steps 2 --seed 3 --threads 1 ";
+  auto plain = test::run_lightning(common + "--out " + dir + "/plain.png");
+  auto zero = test::run_lightning(common + "--lora " + dir + "/style.safetensors:0 --out " + dir +
+                                  "/zero.png");
+  auto full = test::run_lightning(common + "--lora " + dir + "/style.safetensors --out " + dir +
+                                  "/full.png");
+  ASSERT_EQ(plain.exit_code, 0) << plain.output;
+  ASSERT_EQ(zero.exit_code, 0) << zero.output;
+  ASSERT_EQ(full.exit_code, 0) << full.output;
+  const auto p = io::read_png(dir + "/plain.png"), z = io::read_png(dir + "/zero.png"),
+             f = io::read_png(dir + "/full.png");
+  EXPECT_TRUE(torch::equal(p.pixels, z.pixels));
+  EXPECT_FALSE(torch::equal(p.pixels, f.pixels));
+  EXPECT_NE(f.text.at("parameters").find("LoRA: style.safetensors:1"), std::string::npos)
+      << f.text.at("parameters");
+
+  auto missing =
+      test::run_lightning(common + "--lora " + dir + "/nope.safetensors --out " + dir + "/x.png");
+  EXPECT_EQ(missing.exit_code, 2) << missing.output;
+  EXPECT_NE(missing.output.find("nope.safetensors"), std::string::npos) << missing.output;
+  auto other =
+      test::run_lightning(common + "--lora " + dir + "/other.safetensors --out " + dir + "/x.png");
+  EXPECT_EQ(other.exit_code, 1) << other.output;
+  EXPECT_NE(other.output.find("lora_unet_nowhere"), std::string::npos) << other.output;
+  EXPECT_FALSE(fs::exists(dir + "/x.png"));
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -13,6 +14,7 @@
 #include "diffusion/guidance.h"
 #include "io/files.h"
 #include "io/json_config.h"
+#include "models/lora.h"
 #include "text/utf8.h"
 
 namespace lightning::generate {
@@ -294,6 +296,42 @@ torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& req
   return torch::cat(images);
 }
 
+LoRASpec LoRASpec::parse(const std::string& value) {
+  LoRASpec spec{value, 1.0};
+  const auto colon = value.rfind(':');
+  if (colon != std::string::npos && colon + 1 < value.size()) {
+    const std::string tail = value.substr(colon + 1);
+    char* end = nullptr;
+    const double scale = std::strtod(tail.c_str(), &end);
+    if (end && *end == '\0') {
+      if (!std::isfinite(scale)) fail_usage("--lora {}: the scale must be a finite number", value);
+      spec = {value.substr(0, colon), scale};
+    }
+  }
+  if (!fs::is_regular_file(spec.path)) fail_usage("--lora {}: no such file", spec.path);
+  return spec;
+}
+
+void apply_loras(TextToImageModel& model, const std::vector<LoRASpec>& loras, bool allow_partial) {
+  std::vector<models::LoRATarget> targets = {
+      {model.unet.get(), "lora_unet_", {"unet.", ""}},
+  };
+  for (const auto& spec : loras) {
+    const auto file = models::read_lora_file(spec.path);
+    auto with_text = targets;
+    with_text.push_back({model.text_encoder.get(), "lora_te_", {"text_encoder."}});
+    with_text.push_back({model.text_encoder.get(), "lora_te1_", {}});
+    const auto report = models::apply_lora(file, with_text, spec.scale, allow_partial);
+    if (!report.unmatched.empty())
+      spdlog::warn("{}: {} of {} modules matched no layer and were skipped (first: {})", spec.path,
+                   report.unmatched.size(), file.modules.size(), report.unmatched.front());
+    spdlog::info("lora: merged {} ({} format, {} modules) with scale {:g}", spec.path, file.format,
+                 report.applied, spec.scale);
+    model.loras.push_back(
+        fmt::format("{}:{:g}", fs::path(spec.path).filename().string(), spec.scale));
+  }
+}
+
 std::string parameters_text(const TextToImageModel& model, const GenerateRequest& r, size_t index) {
   std::string text = r.prompts.at(index);
   if (!r.negative_prompt.empty()) text += "\nNegative prompt: " + r.negative_prompt;
@@ -303,6 +341,7 @@ std::string parameters_text(const TextToImageModel& model, const GenerateRequest
       r.steps, sampler_title(*r.sampler), *r.guidance_scale, r.seed + index, r.width, r.height,
       model.name, diffusion::to_string(*r.timestep_spacing),
       diffusion::to_string(*r.prediction_type));
+  if (!model.loras.empty()) text += fmt::format(", LoRA: {}", fmt::join(model.loras, ", "));
   return text;
 }
 

@@ -48,7 +48,8 @@ struct TextToImageModel {
   int64_t pad_id = -1;  // the tokenizer's pad token (its end-of-text id unless configured)
   diffusion::SchedulerConfig scheduler;
   Recommended recommended;
-  std::string name;  // directory name, for metadata
+  std::string name;                // directory name, for metadata
+  std::vector<std::string> loras;  // applied LoRA files as "file-name:scale", for metadata
 
   int64_t sample_size() const;    // the UNet's sample_size (image height and width)
   int64_t size_multiple() const;  // height and width must be multiples of this
@@ -67,6 +68,21 @@ TextToImageModel load_model(const std::string& dir, const models::ModelLoadOptio
 // (an existing directory is replaced only once the new one is complete).
 void save_model(const TextToImageModel& model, const std::string& dir,
                 c10::optional<torch::ScalarType> weights_dtype = c10::nullopt);
+
+// A LoRA to merge into a loaded model: `--lora FILE[:SCALE]`.
+struct LoRASpec {
+  std::string path;
+  double scale = 1.0;
+  // "FILE" or "FILE:SCALE" (the text after the last ':' when it is a number). Throws UsageError
+  // naming the value when the file does not exist.
+  static LoRASpec parse(const std::string& value);
+};
+
+// Merges each LoRA (kohya or diffusers/PEFT keys; see models/lora.h) into the model's UNet and
+// text encoder weights, in order. kohya prefixes: lora_unet_ (UNet), lora_te_ / lora_te1_ (text
+// encoder); PEFT prefixes: unet., text_encoder. or none (a bare UNet file). Unmatched keys are an
+// error unless `allow_partial` (then a warning with their count).
+void apply_loras(TextToImageModel& model, const std::vector<LoRASpec>& loras, bool allow_partial);
 
 // Token ids [B, T] of the prompts (T = the text encoder's max_position_embeddings), truncated
 // with a warning when a prompt is longer.

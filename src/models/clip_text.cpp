@@ -305,6 +305,18 @@ CLIPTextOutput CLIPTextTransformerImpl::forward(const torch::Tensor& input_ids) 
   return out;
 }
 
+std::shared_ptr<torch::nn::Module> CLIPTextModelImpl::clone(
+    const c10::optional<torch::Device>& device) const {
+  std::shared_ptr<CLIPTextModelImpl> copy;
+  {
+    nn::SkipInitGuard skip_init;
+    copy = std::make_shared<CLIPTextModelImpl>(config);
+  }
+  nn::copy_tensors(*copy, *this, device);
+  copy->train(is_training());
+  return copy;
+}
+
 CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config_) : config(config_) {
   reset();
 }

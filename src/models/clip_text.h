@@ -149,6 +149,9 @@ class CLIPTextModelImpl : public torch::nn::Cloneable<CLIPTextModelImpl> {
  public:
   explicit CLIPTextModelImpl(const CLIPTextConfig& config);
   void reset() override;
+  // A deep copy (see nn::copy_tensors for why Cloneable's is not used).
+  std::shared_ptr<torch::nn::Module> clone(
+      const c10::optional<torch::Device>& device = c10::nullopt) const override;
   // input_ids [B, T] integer, T <= max_position_embeddings, ids in [0, vocab_size). Throws Error
   // naming 'input_ids' otherwise.
   CLIPTextOutput forward(const torch::Tensor& input_ids);

@@ -9,7 +9,8 @@ std::string shape_str(const torch::Tensor& t) {
 }
 }  // namespace
 
-UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& config_) : config(config_) {
+UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& config_, bool encoder_only_)
+    : config(config_), encoder_only(encoder_only_) {
   reset();
 }
 
@@ -70,8 +71,9 @@ void UNet2DConditionModelImpl::reset() {
     mid_block = register_module("mid_block", MidBlock(o));
   }
 
-  up_blocks = register_module("up_blocks", torch::nn::ModuleList());
   up_list.clear();
+  if (encoder_only) return;
+  up_blocks = register_module("up_blocks", torch::nn::ModuleList());
   output_channel = c.block_out_channels.back();
   for (size_t i = 0; i < n; ++i) {
     const size_t r = n - 1 - i;  // the matching down block
@@ -92,6 +94,18 @@ void UNet2DConditionModelImpl::reset() {
       register_module("conv_norm_out", nn::GroupNorm(c.norm_num_groups, ch0, c.norm_eps));
   conv_out = register_module("conv_out", nn::Conv2d(ch0, c.out_channels, c.conv_out_kernel, 1,
                                                     (c.conv_out_kernel - 1) / 2));
+}
+
+std::shared_ptr<torch::nn::Module> UNet2DConditionModelImpl::clone(
+    const c10::optional<torch::Device>& device) const {
+  std::shared_ptr<UNet2DConditionModelImpl> copy;
+  {
+    nn::SkipInitGuard skip_init;
+    copy = std::make_shared<UNet2DConditionModelImpl>(config, encoder_only);
+  }
+  nn::copy_tensors(*copy, *this, device);
+  copy->train(is_training());
+  return copy;
 }
 
 size_t UNet2DConditionModelImpl::num_skip_states() const {
@@ -138,19 +152,13 @@ void UNet2DConditionModelImpl::check_inputs(const UNetInputs& in) const {
          num_skip_states(), num_skip_states() - 1, in.down_residuals.size());
 }
 
-torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
+UNet2DConditionModelImpl::Encoded UNet2DConditionModelImpl::run_down(const UNetInputs& in) {
   check_inputs(in);
   const auto& c = config;
   auto sample = in.sample;
   const int64_t B = sample.size(0);
   const auto dtype = conv_in->weight.scalar_type();
   if (sample.scalar_type() != dtype) sample = sample.to(dtype);
-
-  // When the input is not a multiple of the total upsampling factor, each upsampler is told
-  // the size of the skip it will be concatenated with.
-  const int64_t factor = int64_t{1} << (c.num_blocks() - 1);
-  const bool forward_upsample_size = sample.size(2) % factor != 0 || sample.size(3) % factor != 0;
-
   if (c.center_input_sample) sample = 2 * sample - 1.0;
 
   // Time embedding: sinusoidal in f32, then cast to the model dtype (diffusers get_time_embed).
@@ -180,6 +188,24 @@ torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
     sample = h;
     skips.insert(skips.end(), states.begin(), states.end());
   }
+  return {sample, emb, context, std::move(skips)};
+}
+
+torch::Tensor UNet2DConditionModelImpl::encode(const UNetInputs& in) {
+  auto e = run_down(in);
+  return mid_block ? mid_block(e.sample, e.emb, e.context) : e.sample;
+}
+
+torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
+  if (encoder_only) fail("this UNet was built encoder-only (a discriminator backbone): no forward");
+  auto [sample, emb, context, skips] = run_down(in);
+  const auto& c = config;
+  // When the input is not a multiple of the total upsampling factor, each upsampler is told
+  // the size of the skip it will be concatenated with.
+  const int64_t factor = int64_t{1} << (c.num_blocks() - 1);
+  const bool forward_upsample_size =
+      in.sample.size(2) % factor != 0 || in.sample.size(3) % factor != 0;
+  const auto dtype = conv_in->weight.scalar_type();
   if (!in.down_residuals.empty()) {
     for (size_t i = 0; i < skips.size(); ++i) {
       if (in.down_residuals[i].sizes() != skips[i].sizes())

@@ -30,12 +30,22 @@ struct UNetInputs {
 
 class UNet2DConditionModelImpl : public torch::nn::Cloneable<UNet2DConditionModelImpl> {
  public:
-  explicit UNet2DConditionModelImpl(const UNetConfig& config);
+  // With `encoder_only` the up blocks, conv_norm_out and conv_out are not built: the backbone of
+  // the distillation discriminator (METHOD.md §3), which only calls encode().
+  explicit UNet2DConditionModelImpl(const UNetConfig& config, bool encoder_only = false);
   void reset() override;
+  // A deep copy (see nn::copy_tensors for why Cloneable's is not used). No LoRA adapters.
+  std::shared_ptr<torch::nn::Module> clone(
+      const c10::optional<torch::Device>& device = c10::nullopt) const override;
 
   // Returns the model output [B, out_channels, H, W]. Throws Error naming the input whose
   // shape does not fit the config.
   torch::Tensor forward(const UNetInputs& inputs);
+
+  // The encoder half: time (and added) embeddings, conv_in, the down blocks and the mid block.
+  // Returns the mid block's output [B, C_last, H / 2^(blocks-1), W / 2^(blocks-1)] (the last
+  // down block's output when the config has no mid block). ControlNet residuals are not taken.
+  torch::Tensor encode(const UNetInputs& inputs);
 
   // Checks inputs against the config (names, ranks, channel counts, batch sizes).
   void check_inputs(const UNetInputs& inputs) const;
@@ -45,6 +55,7 @@ class UNet2DConditionModelImpl : public torch::nn::Cloneable<UNet2DConditionMode
   std::vector<int64_t> skip_channels() const;
 
   UNetConfig config;
+  bool encoder_only = false;
   nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   nn::TimestepEmbedding time_embedding{nullptr}, add_embedding{nullptr};
   std::vector<DownBlock> down_list;
@@ -52,6 +63,14 @@ class UNet2DConditionModelImpl : public torch::nn::Cloneable<UNet2DConditionMode
   MidBlock mid_block{nullptr};
   nn::GroupNorm conv_norm_out{nullptr};
   torch::nn::ModuleList down_blocks{nullptr}, up_blocks{nullptr};
+
+ private:
+  struct Encoded {
+    torch::Tensor sample, emb, context;
+    std::vector<torch::Tensor> skips;
+  };
+  // Everything up to the down blocks' output (skips included), before residuals and mid block.
+  Encoded run_down(const UNetInputs& inputs);
 };
 TORCH_MODULE(UNet2DConditionModel);
 

@@ -55,12 +55,30 @@ bool SkipInitGuard::active() {
   return t_skip_init;
 }
 
+void copy_tensors(torch::nn::Module& dst, const torch::nn::Module& src,
+                  const c10::optional<torch::Device>& device) {
+  torch::NoGradGuard no_grad;
+  auto copy = [&](torch::OrderedDict<std::string, torch::Tensor> to,
+                  const torch::OrderedDict<std::string, torch::Tensor>& from) {
+    TORCH_CHECK(to.size() == from.size(), "copy_tensors: the module trees differ");
+    for (const auto& item : from) {
+      auto* target = to.find(item.key());
+      TORCH_CHECK(target, "copy_tensors: no '", item.key(), "' in the destination");
+      auto data = item.value().detach().clone();
+      target->set_data(device ? data.to(*device) : data);
+    }
+  };
+  copy(dst.named_parameters(true), src.named_parameters(true));
+  copy(dst.named_buffers(true), src.named_buffers(true));
+}
+
 LinearImpl::LinearImpl(int64_t in_features_, int64_t out_features_, bool bias_)
     : in_features(in_features_), out_features(out_features_), has_bias(bias_) {
   reset();
 }
 
 void LinearImpl::reset() {
+  adapter.reset();  // clone() calls reset(): a clone never shares its original's adapter
   weight = register_parameter("weight", torch::empty({out_features, in_features}));
   bias = has_bias ? register_parameter("bias", torch::empty({out_features})) : torch::Tensor();
   if (!SkipInitGuard::active()) default_init(weight, bias, in_features);
@@ -68,7 +86,13 @@ void LinearImpl::reset() {
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   if (flops::enabled()) flops::add(2.0 * (x.numel() / in_features) * in_features * out_features);
-  return torch::linear(x, weight, bias);
+  auto y = torch::linear(x, weight, bias);
+  if (adapter) {
+    const auto& a = *adapter;
+    auto delta = torch::linear(torch::linear(x.to(a.down.scalar_type()), a.down), a.up);
+    y = y + (delta * a.scale).to(y.scalar_type());
+  }
+  return y;
 }
 
 Conv2dImpl::Conv2dImpl(int64_t in_channels_, int64_t out_channels_, int64_t kernel_size_,
@@ -83,6 +107,7 @@ Conv2dImpl::Conv2dImpl(int64_t in_channels_, int64_t out_channels_, int64_t kern
 }
 
 void Conv2dImpl::reset() {
+  adapter.reset();  // clone() calls reset(): a clone never shares its original's adapter
   weight = register_parameter("weight",
                               torch::empty({out_channels, in_channels, kernel_size, kernel_size}));
   bias = has_bias ? register_parameter("bias", torch::empty({out_channels})) : torch::Tensor();
@@ -92,6 +117,12 @@ void Conv2dImpl::reset() {
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
   auto y = torch::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
   if (flops::enabled()) flops::add(2.0 * y.numel() * in_channels * kernel_size * kernel_size);
+  if (adapter) {
+    const auto& a = *adapter;
+    auto h =
+        torch::conv2d(x.to(a.down.scalar_type()), a.down, {}, {stride, stride}, {padding, padding});
+    y = y + (torch::conv2d(h, a.up) * a.scale).to(y.scalar_type());
+  }
   return y;
 }
 

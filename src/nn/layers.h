@@ -3,6 +3,8 @@
 // overwrite it with loaded weights must not touch 10 GB of memory.
 #pragma once
 
+#include <memory>
+
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -35,6 +37,25 @@ class SkipInitGuard {
   bool previous_;
 };
 
+// A low-rank update beside a Linear or Conv2d (LoRA, Hu et al. 2021): y += scale * up(down(x)).
+// The tensors are not registered parameters, so the layer's state dict stays the base model's;
+// models/lora.h attaches, collects, saves and merges adapters.
+struct LowRankAdapter {
+  torch::Tensor down;  // Linear: [r, in]; Conv2d: [r, in, k, k] (with the layer's stride, padding)
+  torch::Tensor up;    // Linear: [out, r]; Conv2d: [out, r, 1, 1]
+  double scale = 1.0;  // alpha / r, times the user's multiplier
+  double alpha = 1.0;  // kohya's stored alpha (scale = alpha / r * multiplier)
+};
+
+// Copies every parameter and buffer of `src` into the same-named one of `dst` (fresh storage,
+// on `device` when given, requires_grad kept from dst). The trees must match.
+//
+// Why: torch::nn::Cloneable::clone() re-creates a ModuleList's children but not the typed
+// std::vector<Block> handles that the project's models iterate in forward, so a cloned UNet
+// would run its freshly initialised blocks. Models with such lists override clone() with this.
+void copy_tensors(torch::nn::Module& dst, const torch::nn::Module& src,
+                  const c10::optional<torch::Device>& device = c10::nullopt);
+
 // Mirrors torch.nn.Linear: y = x W^T + b, W [out, in], PyTorch's default init.
 class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
  public:
@@ -45,6 +66,7 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
   int64_t in_features, out_features;
   bool has_bias;
   torch::Tensor weight, bias;
+  std::shared_ptr<LowRankAdapter> adapter;  // optional LoRA (not part of the state dict)
 };
 TORCH_MODULE(Linear);
 
@@ -59,6 +81,7 @@ class Conv2dImpl : public torch::nn::Cloneable<Conv2dImpl> {
   int64_t in_channels, out_channels, kernel_size, stride, padding;
   bool has_bias;
   torch::Tensor weight, bias;
+  std::shared_ptr<LowRankAdapter> adapter;  // optional LoRA (not part of the state dict)
 };
 TORCH_MODULE(Conv2d);
 

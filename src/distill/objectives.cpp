@@ -1,0 +1,133 @@
+#include "distill/objectives.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "diffusion/parameterization.h"
+
+namespace lightning::distill {
+
+std::vector<int64_t> teacher_path(int64_t t, int64_t n, int64_t teacher_steps,
+                                  int64_t num_train_timesteps) {
+  if (n < 1) fail("teacher_path: n must be >= 1, got {}", n);
+  if (teacher_steps < 1 || teacher_steps > num_train_timesteps)
+    fail("teacher_path: teacher steps {} outside [1, {}]", teacher_steps, num_train_timesteps);
+  if (t < 0 || t >= num_train_timesteps)
+    fail("teacher_path: timestep {} outside [0, {}]", t, num_train_timesteps - 1);
+  const auto grid = diffusion::trailing_timesteps(num_train_timesteps, teacher_steps);
+  std::vector<int64_t> path = {t};
+  const auto on_grid = std::find(grid.begin(), grid.end(), t);
+  if (on_grid != grid.end()) {  // the grid's next entries, then the clean end
+    const auto i = static_cast<int64_t>(on_grid - grid.begin());
+    for (int64_t k = 1; k <= n; ++k)
+      path.push_back(i + k < static_cast<int64_t>(grid.size()) ? grid[static_cast<size_t>(i + k)]
+                                                               : -1);
+    return path;
+  }
+  // Off the grid: steps of T / teacher_steps from t, rounded half to even (std::nearbyint in the
+  // default rounding mode, as numpy's round).
+  const double step = static_cast<double>(num_train_timesteps) / static_cast<double>(teacher_steps);
+  for (int64_t k = 1; k <= n; ++k) {
+    const auto next =
+        static_cast<int64_t>(std::nearbyint(static_cast<double>(t + 1) - k * step)) - 1;
+    path.push_back(std::max<int64_t>(-1, next));
+  }
+  return path;
+}
+
+torch::Tensor student_input(const diffusion::NoiseSchedule& schedule, const torch::Tensor& x0,
+                            const torch::Tensor& eps, const torch::Tensor& t) {
+  auto x_t = diffusion::add_noise(schedule, x0, eps, t);
+  const int64_t last = schedule.num_train_timesteps() - 1;
+  auto pure = (t == last).to(x_t.device()).view({-1, 1, 1, 1});
+  return torch::where(pure, eps, x_t);
+}
+
+torch::Tensor teacher_target(const Denoiser& teacher, diffusion::PredictionType teacher_type,
+                             const diffusion::NoiseSchedule& schedule, const torch::Tensor& x_t,
+                             const torch::Tensor& t, int64_t n, int64_t teacher_steps,
+                             torch::Tensor* t_prev) {
+  torch::NoGradGuard no_grad;
+  const int64_t B = x_t.size(0);
+  const int64_t T = schedule.num_train_timesteps();
+  auto t_cpu = t.to(torch::kCPU).to(torch::kInt64).contiguous();
+  if (t_cpu.dim() != 1 || t_cpu.size(0) != B)
+    fail("teacher_target: expected timesteps [{}], got {} values", B, t_cpu.numel());
+  // Per-sample paths, [n + 1, B].
+  auto paths = torch::empty({n + 1, B}, torch::kInt64);
+  for (int64_t i = 0; i < B; ++i) {
+    auto path = teacher_path(t_cpu[i].item<int64_t>(), n, teacher_steps, T);
+    for (int64_t k = 0; k <= n; ++k)
+      paths[k][i] = path[static_cast<size_t>(k)];
+  }
+  auto x = x_t;
+  for (int64_t k = 0; k < n; ++k) {
+    auto from = paths[k], to = paths[k + 1];
+    auto active = (from >= 0).nonzero().view({-1});  // samples not yet at the clean end
+    if (active.numel() == 0) break;
+    const bool all = active.numel() == B;
+    auto idx = active.to(x.device());
+    auto xs = all ? x : x.index_select(0, idx);
+    auto ts = all ? from : from.index_select(0, active);
+    auto tp = all ? to : to.index_select(0, active);
+    auto out = teacher(xs, ts.to(x.device()));
+    auto next =
+        diffusion::ddim_step(schedule, teacher_type, out, xs, ts.to(x.device()), tp.to(x.device()));
+    x = all ? next : x.index_copy(0, idx, next.to(x.scalar_type()));
+  }
+  if (t_prev) *t_prev = paths[n].to(t.device());
+  return x;
+}
+
+Denoiser guided(ConditionedModel model, torch::Tensor cond, torch::Tensor uncond, double scale) {
+  return [model = std::move(model), cond = std::move(cond), uncond = std::move(uncond), scale](
+             const torch::Tensor& x, const torch::Tensor& t) -> torch::Tensor {
+    const int64_t B = x.size(0);
+    auto pick = [&](const torch::Tensor& ctx) {
+      // Contexts may be given for the full batch or as one row broadcast to every sample.
+      return ctx.size(0) == B ? ctx : ctx.expand({B, ctx.size(1), ctx.size(2)});
+    };
+    if (scale <= 1.0) return model(x, t, pick(cond));  // as diffusers: no CFG at scale <= 1
+    auto both =
+        model(torch::cat({x, x}), torch::cat({t, t}), torch::cat({pick(cond), pick(uncond)}));
+    auto c = both.slice(0, 0, B), u = both.slice(0, B);
+    return u + scale * (c - u);
+  };
+}
+
+torch::Tensor student_jump(diffusion::PredictionType student_type,
+                           const diffusion::NoiseSchedule& schedule, const torch::Tensor& output,
+                           const torch::Tensor& x_t, const torch::Tensor& t,
+                           const torch::Tensor& t_prev, torch::Tensor* x0) {
+  diffusion::Denoised denoised;
+  auto x_prev = diffusion::ddim_step(schedule, student_type, output, x_t, t, t_prev, &denoised);
+  if (x0) *x0 = denoised.x0;
+  return x_prev;
+}
+
+torch::Tensor discriminator_loss(const torch::Tensor& real_logits,
+                                 const torch::Tensor& fake_logits) {
+  return torch::softplus(-real_logits).mean() + torch::softplus(fake_logits).mean();
+}
+
+torch::Tensor generator_loss(const torch::Tensor& fake_logits) {
+  return torch::softplus(-fake_logits).mean();
+}
+
+torch::Tensor sample_timesteps(const std::vector<int64_t>& choices,
+                               const std::vector<double>& weights, int64_t batch,
+                               at::Generator generator) {
+  if (choices.empty() || choices.size() != weights.size())
+    fail("re-noising timesteps: {} choices but {} weights", choices.size(), weights.size());
+  auto w = torch::tensor(weights, torch::kFloat64);
+  if ((w < 0).any().item<bool>() || !(w.sum().item<double>() > 0))
+    fail("re-noising timesteps: weights must be >= 0 with a positive sum");
+  auto index = torch::multinomial(w, batch, /*replacement=*/true, generator);
+  return torch::tensor(choices, torch::kInt64).index_select(0, index);
+}
+
+}  // namespace lightning::distill
