@@ -64,20 +64,17 @@ torch::Tensor teacher_target(const Denoiser& teacher, diffusion::PredictionType 
     for (int64_t k = 0; k <= n; ++k)
       paths[k][i] = path[static_cast<size_t>(k)];
   }
+  // Every sample takes part in every call (the denoiser's conditioning is bound to the whole
+  // batch); samples already at the clean end compute a dummy step (t 0 -> -1) that is dropped.
   auto x = x_t;
   for (int64_t k = 0; k < n; ++k) {
     auto from = paths[k], to = paths[k + 1];
-    auto active = (from >= 0).nonzero().view({-1});  // samples not yet at the clean end
-    if (active.numel() == 0) break;
-    const bool all = active.numel() == B;
-    auto idx = active.to(x.device());
-    auto xs = all ? x : x.index_select(0, idx);
-    auto ts = all ? from : from.index_select(0, active);
-    auto tp = all ? to : to.index_select(0, active);
-    auto out = teacher(xs, ts.to(x.device()));
-    auto next =
-        diffusion::ddim_step(schedule, teacher_type, out, xs, ts.to(x.device()), tp.to(x.device()));
-    x = all ? next : x.index_copy(0, idx, next.to(x.scalar_type()));
+    auto active = from >= 0;
+    if (!active.any().item<bool>()) break;
+    auto ts = torch::where(active, from, torch::zeros_like(from)).to(x.device());
+    auto tp = torch::where(active, to, torch::full_like(to, -1)).to(x.device());
+    auto next = diffusion::ddim_step(schedule, teacher_type, teacher(x, ts), x, ts, tp);
+    x = torch::where(active.to(x.device()).view({-1, 1, 1, 1}), next.to(x.scalar_type()), x);
   }
   if (t_prev) *t_prev = paths[n].to(t.device());
   return x;

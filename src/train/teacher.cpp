@@ -9,7 +9,6 @@
 #include <optional>
 #include <random>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -22,13 +21,13 @@
 #include "io/files.h"
 #include "io/image.h"
 #include "io/json_config.h"
-#include "io/plot.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "io/toml.h"
 #include "models/model_loader.h"
 #include "models/unet.h"
 #include "text/clip_tokenizer.h"
+#include "train/train_util.h"
 
 namespace lightning::train {
 namespace fs = std::filesystem;
@@ -48,54 +47,6 @@ nlohmann::json section(io::ConfigReader& root, const std::string& key) {
   if (value.is_null()) return nlohmann::json::object();
   if (!value.is_object()) root.fail_key(key, "expected a table");
   return value;
-}
-
-// Deterministic randomness per (seed, purpose, index): resuming at step s redraws exactly what
-// an uninterrupted run would have drawn, without saving generator states.
-uint64_t mix_seed(uint64_t seed, uint64_t purpose, uint64_t index) {
-  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
-                    static_cast<uint32_t>(purpose), static_cast<uint32_t>(index),
-                    static_cast<uint32_t>(index >> 32)};
-  std::mt19937_64 rng(seq);
-  return rng();
-}
-
-at::Generator torch_generator(uint64_t seed) {
-  return at::make_generator<at::CPUGeneratorImpl>(seed);
-}
-
-// Positions step*B .. step*B+B-1 of the endless sequence of per-epoch permutations.
-class EpochSampler {
- public:
-  EpochSampler(int64_t n, uint64_t seed) : n_(n), seed_(seed) {}
-  torch::Tensor batch(int64_t step, int64_t batch_size) {
-    auto out = torch::empty({batch_size}, torch::kInt64);
-    auto acc = out.accessor<int64_t, 1>();
-    for (int64_t i = 0; i < batch_size; ++i) {
-      int64_t k = step * batch_size + i;
-      int64_t epoch = k / n_;
-      if (epoch != epoch_) {
-        perm_ = torch::randperm(n_, torch_generator(mix_seed(seed_, 1, epoch)), torch::kInt64);
-        epoch_ = epoch;
-      }
-      acc[i] = perm_.data_ptr<int64_t>()[k % n_];
-    }
-    return out;
-  }
-
- private:
-  int64_t n_;
-  uint64_t seed_;
-  int64_t epoch_ = -1;
-  torch::Tensor perm_;
-};
-
-std::vector<std::pair<std::string, torch::Tensor>> named_params(const torch::nn::Module& module,
-                                                                const std::string& prefix) {
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  for (const auto& item : module.named_parameters(true))
-    out.emplace_back(prefix + item.key(), item.value());
-  return out;
 }
 
 void ema_update(torch::nn::Module& ema, const torch::nn::Module& model, double decay) {
@@ -121,18 +72,12 @@ struct MetricPoint {
 
 void write_loss_plot(const std::vector<MetricPoint>& points, const std::string& path,
                      const std::string& title) {
-  io::PlotSeries raw{"loss", {}, {}, {170, 200, 230}};
+  Curve loss{"loss", {}, {}};
   for (const auto& p : points) {
-    raw.x.push_back(static_cast<double>(p.step));
-    raw.y.push_back(p.loss);
+    loss.x.push_back(static_cast<double>(p.step));
+    loss.y.push_back(p.loss);
   }
-  io::PlotSeries smooth{"moving average", raw.x, io::moving_average(raw.y, 10), {31, 119, 180}};
-  io::PlotOptions options;
-  options.title = title;
-  options.x_label = "step";
-  options.y_label = "loss";
-  options.log_y = true;
-  io::write_png(path, io::render_line_plot({raw, smooth}, options));
+  write_curves_png({loss}, path, title, "loss", /*log_y=*/true);
 }
 
 }  // namespace
@@ -351,14 +296,8 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
     for (auto& [name, p] : params)
       param_list.push_back(p);
     optimizer.param_groups()[0].params() = param_list;
-    io::SafetensorsFile opt_file((checkpoint_dir / "optimizer.safetensors").string());
-    for (auto& [name, p] : params) {
-      auto st = std::make_unique<torch::optim::AdamWParamState>();
-      st->step(start_step);
-      st->exp_avg(opt_file.get(name + ".exp_avg").clone());
-      st->exp_avg_sq(opt_file.get(name + ".exp_avg_sq").clone());
-      optimizer.state()[c10::guts::to_string(p.unsafeGetTensorImpl())] = std::move(st);
-    }
+    restore_adam_state(optimizer, params, (checkpoint_dir / "optimizer.safetensors").string(),
+                       start_step, /*adamw=*/true);
     // Metrics after the checkpoint belong to the interrupted run: drop them.
     std::ifstream in(metrics_path);
     std::string line, kept;
@@ -410,14 +349,7 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
       io::save_weights(*text_encoder, tmp + "/text_encoder.safetensors");
       io::save_weights(*ema_unet, tmp + "/ema_unet.safetensors");
       io::save_weights(*ema_text, tmp + "/ema_text_encoder.safetensors");
-      std::vector<std::pair<std::string, torch::Tensor>> opt;
-      for (auto& [name, p] : params) {
-        auto it = optimizer.state().find(c10::guts::to_string(p.unsafeGetTensorImpl()));
-        if (it == optimizer.state().end()) continue;
-        auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
-        opt.emplace_back(name + ".exp_avg", st.exp_avg());
-        opt.emplace_back(name + ".exp_avg_sq", st.exp_avg_sq());
-      }
+      const auto opt = adam_state_tensors(optimizer, params);
       io::save_safetensors(tmp + "/optimizer.safetensors", opt);
       io::write_json_file(tmp + "/state.json", {{"step", step},
                                                 {"elapsed_s", elapsed},

@@ -1,0 +1,104 @@
+// The distillation recipe (`lightning distill --recipe FILE.toml`): a teacher model, data, and a
+// chain of stages, each distilling its teacher's K steps into K / n student steps (METHOD.md §2).
+//
+//   task = "distill"
+//   [teacher]  model = "fmnist-teacher"        (a model directory or a shipped model's name)
+//   [data]     dataset = "fashion-mnist", dir = ...
+//   [train]    seed, batch_size, max_grad_norm
+//   [log]      log_every, sample_every, checkpoint_every
+//   [sample]   per_class, seed                 (grids of every class as training goes)
+//   [[stages]] one table per stage, in order; the student of a stage is the next one's teacher.
+//
+// A stage's phases, in order (each a number of iterations of one objective):
+//   x0_warmup      MSE of the student's x0 output against the frozen epsilon teacher's one-step
+//                  x0 (the 1-step switch to "sample" prediction, METHOD.md §4)
+//   mse            MSE between the student's one-step x_t' and the teacher's n-step x_t'
+//   conditional    adversarial, conditional discriminator D(x_t', x_t)
+//   unconditional  adversarial, unconditional discriminator D'(x_t')
+//   full           (LoRA stages) the LoRA is merged, then the full UNet trains further with the
+//                  unconditional objective, as the paper does
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "diffusion/scheduler_config.h"
+#include "models/discriminator.h"
+#include "models/lora.h"
+
+namespace lightning::distill {
+
+enum class Objective { kX0Warmup, kMse, kConditional, kUnconditional };
+std::string to_string(Objective objective);
+
+struct Phase {
+  std::string name;  // x0_warmup, mse, conditional, unconditional, full
+  Objective objective;
+  int64_t iterations = 0;
+  bool lora = false;  // trains the LoRA adapters (else the full UNet)
+};
+
+struct StageRecipe {
+  std::string name;  // default "<teacher_steps>-to-<student_steps>"
+  int64_t teacher_steps = 0, student_steps = 0;
+  std::string loss = "mse";       // mse | adversarial
+  double teacher_guidance = 1.0;  // the teacher's CFG scale in this stage (<= 1: none)
+  diffusion::PredictionType prediction_type = diffusion::PredictionType::kEpsilon;  // student's
+  // The student's training timesteps (x_t is drawn at these): default its trailing grid.
+  std::vector<int64_t> timesteps;
+
+  // Iterations per phase (see the file comment).
+  int64_t x0_warmup_iterations = 0;
+  int64_t mse_iterations = 0;
+  int64_t conditional_iterations = 0;
+  int64_t unconditional_iterations = 0;
+  int64_t full_iterations = 0;
+
+  // Student optimiser (Adam, no weight decay; the paper's betas are (0.9, 0.999) for MSE and
+  // (0, 0.99) for adversarial stages).
+  double learning_rate = 1e-5;
+  double full_learning_rate = 0;  // the full phase of a LoRA stage; 0: learning_rate
+  double adam_beta1 = 0.9, adam_beta2 = 0.999;
+  // Discriminator optimiser.
+  double discriminator_learning_rate = 1e-6;
+  double discriminator_beta1 = 0.0, discriminator_beta2 = 0.99;
+  models::DiscriminatorHeadConfig head;
+
+  // LoRA (absent: train the full UNet; given: >= 1).
+  int64_t lora_rank = 0;
+  double lora_alpha = 0;  // 0: = rank
+
+  // Multi-timestep discrimination (the 1-step x0 student): both x0s re-noised to t* drawn from
+  // `renoise_timesteps` with `renoise_weights`, switching to `renoise_weights_late` after
+  // `renoise_switch` of the adversarial iterations (a fraction in [0, 1]). Empty: off.
+  std::vector<int64_t> renoise_timesteps;
+  std::vector<double> renoise_weights, renoise_weights_late;
+  double renoise_switch = 0.5;
+
+  int64_t n() const { return teacher_steps / student_steps; }
+  std::vector<Phase> phases() const;
+  int64_t total_iterations() const;
+};
+
+struct DistillRecipe {
+  std::string file;
+  std::string teacher;  // model directory or shipped name, as written
+  std::string data_dir;
+  uint64_t seed = 0;
+  int64_t batch_size = 32;
+  double max_grad_norm = 1.0;  // <= 0: no clipping
+  int64_t log_every = 10, sample_every = 200, checkpoint_every = 100;
+  int64_t sample_per_class = 4;
+  uint64_t sample_seed = 0;
+  std::vector<StageRecipe> stages;
+
+  // Reads and checks everything; errors name the file, the stage and the key.
+  static DistillRecipe from_json(const nlohmann::json& json, const std::string& file);
+  static DistillRecipe load(const std::string& toml_path);
+  int64_t total_iterations() const;
+};
+
+}  // namespace lightning::distill

@@ -1,0 +1,641 @@
+#include "distill/trainer.h"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "core/progress.h"
+#include "data/fashion_mnist.h"
+#include "diffusion/noise_schedule.h"
+#include "diffusion/parameterization.h"
+#include "distill/objectives.h"
+#include "generate/pipeline.h"
+#include "io/files.h"
+#include "io/image.h"
+#include "io/json_config.h"
+#include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/discriminator.h"
+#include "models/lora.h"
+#include "train/train_util.h"
+
+namespace lightning::distill {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<bool> g_interrupted{false};
+extern "C" void on_sigint(int) {
+  g_interrupted = true;
+}
+
+// Installs the SIGINT handler for the lifetime of the object (the previous one is restored).
+class SigintGuard {
+ public:
+  SigintGuard() { previous_ = std::signal(SIGINT, on_sigint); }
+  ~SigintGuard() { std::signal(SIGINT, previous_); }
+
+ private:
+  void (*previous_)(int) = SIG_DFL;
+};
+
+// Where the global iteration g falls: stage, phase, iteration within the phase.
+struct Position {
+  size_t stage = 0, phase = 0;
+  int64_t iteration = 0;
+};
+
+Position locate(const DistillRecipe& recipe, int64_t g) {
+  int64_t start = 0;
+  for (size_t s = 0; s < recipe.stages.size(); ++s) {
+    const auto phases = recipe.stages[s].phases();
+    for (size_t p = 0; p < phases.size(); ++p) {
+      if (g < start + phases[p].iterations) return {s, p, g - start};
+      start += phases[p].iterations;
+    }
+  }
+  // At the very end: the last phase, completed.
+  const size_t s = recipe.stages.size() - 1;
+  const auto phases = recipe.stages[s].phases();
+  return {s, phases.size() - 1, phases.back().iterations};
+}
+
+// Iterations before stage s.
+int64_t stage_start(const DistillRecipe& recipe, size_t s) {
+  int64_t n = 0;
+  for (size_t i = 0; i < s; ++i)
+    n += recipe.stages[i].total_iterations();
+  return n;
+}
+
+std::string stage_dir_name(const DistillRecipe& recipe, size_t s) {
+  return fmt::format("stage-{}-{}", s + 1, recipe.stages[s].name);
+}
+
+double total_norm(const std::vector<torch::Tensor>& params) {
+  double sum = 0;
+  for (const auto& p : params)
+    if (p.grad().defined()) sum += p.grad().to(torch::kFloat64).square().sum().item<double>();
+  return std::sqrt(sum);
+}
+
+double clip(const std::vector<torch::Tensor>& params, double max_norm) {
+  if (max_norm > 0) return torch::nn::utils::clip_grad_norm_(params, max_norm);
+  return total_norm(params);
+}
+
+torch::optim::Adam make_adam(const std::vector<torch::Tensor>& params, double lr, double beta1,
+                             double beta2) {
+  return torch::optim::Adam(params, torch::optim::AdamOptions(lr).betas({beta1, beta2}).eps(1e-8));
+}
+
+std::vector<torch::Tensor> values(const std::vector<std::pair<std::string, torch::Tensor>>& named) {
+  std::vector<torch::Tensor> out;
+  for (const auto& [name, t] : named)
+    out.push_back(t);
+  return out;
+}
+
+// Metrics averaged over a log interval.
+struct Interval {
+  std::map<std::string, double> sums;
+  int64_t count = 0;
+  void add(const std::map<std::string, double>& m) {
+    for (const auto& [k, v] : m)
+      sums[k] += v;
+    ++count;
+  }
+};
+
+}  // namespace
+
+DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions& options) {
+  const fs::path out(options.out_dir);
+  const fs::path checkpoint_dir = out / "checkpoint";
+  const fs::path metrics_path = out / "metrics.jsonl";
+  const int64_t total = recipe.total_iterations();
+
+  // ---- Checks before any work.
+  if (options.resume && !fs::exists(checkpoint_dir / "state.json"))
+    fail_usage("--resume: {} has no checkpoint", (checkpoint_dir / "state.json").string());
+  if (!options.resume && (fs::exists(checkpoint_dir) || fs::exists(metrics_path)))
+    fail_usage(
+        "--out {} already holds a distillation run: pass --resume to continue it or "
+        "choose another directory",
+        out.string());
+  if (options.until && *options.until < 1)
+    fail_usage("--until must be >= 1, got {}", *options.until);
+  std::error_code ec;
+  fs::create_directories(out / "samples", ec);
+  if (ec || !fs::is_directory(out))
+    fail_usage("--out {}: cannot create the run directory ({})", out.string(), ec.message());
+  {
+    const auto probe = out / ".write-test";
+    std::ofstream test(probe);
+    if (!test) fail_usage("--out {}: the directory is not writable", out.string());
+    test.close();
+    fs::remove(probe, ec);
+  }
+
+  const auto teacher_dir = generate::resolve_model_dir(recipe.teacher, options.models_root);
+  auto teacher = generate::load_model(teacher_dir, {});
+  const diffusion::NoiseSchedule schedule(teacher.scheduler);
+  const int64_t T = schedule.num_train_timesteps();
+  for (size_t s = 0; s < recipe.stages.size(); ++s) {
+    const auto& st = recipe.stages[s];
+    for (int64_t t : st.timesteps)
+      if (t < 0 || t >= T)
+        fail("{} [[stages]] #{}: timesteps entry {} is outside [0, {}]", recipe.file, s + 1, t,
+             T - 1);
+    for (int64_t t : st.renoise_timesteps)
+      if (t < 0 || t >= T)
+        fail("{} [[stages]] #{}: renoise_timesteps entry {} is outside [0, {}]", recipe.file, s + 1,
+             t, T - 1);
+    if (st.teacher_steps > T)
+      fail("{} [[stages]] #{}: teacher_steps {} exceeds the schedule's {} timesteps", recipe.file,
+           s + 1, st.teacher_steps, T);
+  }
+  {  // Keep the recipe beside the results.
+    std::ifstream in(recipe.file, std::ios::binary);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!text.empty()) io::write_file_atomic((out / "recipe.toml").string(), text);
+  }
+
+  // ---- Data, captions and their (frozen) text encodings.
+  auto dataset = data::load_fashion_mnist(data::Split::kTrain, recipe.data_dir);
+  const auto pixels = data::to_model_pixels(dataset.images);
+  const auto labels = dataset.labels;
+  const int64_t templates = static_cast<int64_t>(data::caption_templates().size());
+  std::vector<std::string> captions;
+  for (int64_t c = 0; c < data::kFashionMnistClasses; ++c)
+    for (int64_t k = 0; k < templates; ++k)
+      captions.push_back(data::caption(c, static_cast<size_t>(k)));
+  teacher.text_encoder->eval();
+  for (auto& p : teacher.text_encoder->parameters())
+    p.set_requires_grad(false);
+  torch::Tensor caption_context, empty_context;
+  {
+    torch::NoGradGuard no_grad;
+    caption_context = generate::encode_prompts(teacher, captions);  // [10 * templates, L, D]
+    empty_context = generate::encode_prompts(teacher, {""});        // [1, L, D]
+  }
+
+  // ---- State: where to start.
+  int64_t g = 0;
+  double elapsed_before = 0;
+  if (options.resume) {
+    auto state = io::read_json_file((checkpoint_dir / "state.json").string());
+    g = state.at("iteration").get<int64_t>();
+    elapsed_before = state.value("elapsed_s", 0.0);
+    if (g > total)
+      fail("{}: the checkpoint is at iteration {} but the recipe has {} in all",
+           (checkpoint_dir / "state.json").string(), g, total);
+    // Metrics after the checkpoint belong to the interrupted run: drop them.
+    std::ifstream in(metrics_path);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() > g) continue;
+      kept += line + "\n";
+    }
+    io::write_file_atomic(metrics_path.string(), kept);
+    spdlog::info("distill: resuming {} at iteration {} of {}", out.string(), g, total);
+  }
+  DistillResult result;
+  if (g == total) {
+    for (size_t s = 0; s < recipe.stages.size(); ++s)
+      result.model_dirs.push_back((out / stage_dir_name(recipe, s) / "model").string());
+    result.iterations = g;
+    spdlog::warn("distill: {} is complete already ({} iterations)", out.string(), g);
+    return result;
+  }
+  const Position start = locate(recipe, g);
+  // Stages finished before the start: their students are on disk; the last is the teacher.
+  for (size_t s = 0; s < start.stage; ++s)
+    result.model_dirs.push_back((out / stage_dir_name(recipe, s) / "model").string());
+  if (start.stage > 0) {
+    teacher = generate::load_model(result.model_dirs.back(), {});
+    teacher.text_encoder->eval();
+  }
+
+  std::FILE* metrics = std::fopen(metrics_path.c_str(), "a");
+  if (!metrics) fail("{}: cannot open for appending", metrics_path.string());
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> metrics_guard(metrics, &std::fclose);
+  std::vector<train::Curve> curves = {
+      {"generator", {}, {}}, {"discriminator", {}, {}}, {"mse", {}, {}}};
+  {  // Curves of the kept metrics.
+    std::ifstream in(metrics_path);
+    std::string line;
+    while (std::getline(in, line)) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded()) continue;
+      const double x = j.value("step", 0.0);
+      for (auto& c : curves) {
+        const std::string key = c.name == "generator"       ? "loss_g"
+                                : c.name == "discriminator" ? "loss_d"
+                                                            : "loss_mse";
+        if (j.contains(key)) {
+          c.x.push_back(x);
+          c.y.push_back(j[key].get<double>());
+        }
+      }
+    }
+  }
+
+  train::EpochSampler sampler(pixels.size(0), recipe.seed);
+  const int64_t stop = std::min(total, options.until.value_or(total));
+  const int64_t B = recipe.batch_size;
+  SigintGuard sigint;
+  g_interrupted = false;
+  ProgressBar bar("distill", total, "it", g);
+  auto interval_start = std::chrono::steady_clock::now();
+
+  for (size_t s = start.stage; s < recipe.stages.size(); ++s) {
+    const auto& stage = recipe.stages[s];
+    const auto phases = stage.phases();
+    const fs::path stage_dir = out / stage_dir_name(recipe, s);
+    const bool resuming_here = s == start.stage && options.resume;
+    const auto teacher_type = teacher.scheduler.prediction_type;
+    teacher.unet->eval();
+    for (auto& p : teacher.unet->parameters())
+      p.set_requires_grad(false);
+
+    // The student: a copy of the teacher; the discriminator: a copy of its encoder.
+    auto student = models::UNet2DConditionModel(
+        std::dynamic_pointer_cast<models::UNet2DConditionModelImpl>(teacher.unet->clone()));
+    for (auto& p : student->parameters())
+      p.set_requires_grad(true);
+    student->train();
+    torch::manual_seed(train::mix_seed(recipe.seed, 11, s));
+    models::Discriminator disc(teacher.unet->config, stage.head);
+    disc->init_backbone_from(teacher.unet);
+    disc->train();
+    bool lora_attached = false;
+    if (resuming_here && g > stage_start(recipe, s)) {
+      io::LoadOptions load;
+      auto load_into = [&](torch::nn::Module& module, const std::string& file) {
+        io::WeightFiles weights({(checkpoint_dir / file).string()});
+        io::load_weights(module, weights, load, (checkpoint_dir / file).string());
+        for (auto& p : module.parameters(true))
+          p.set_data(p.data().clone());  // views of the file: train on copies
+      };
+      load_into(*student, "student.safetensors");
+      load_into(*disc, "discriminator.safetensors");
+      if (fs::exists(checkpoint_dir / "lora.safetensors")) {
+        models::attach_lora(*student,
+                            {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
+        io::SafetensorsFile file((checkpoint_dir / "lora.safetensors").string());
+        torch::NoGradGuard no_grad;
+        for (auto& [name, t] : models::lora_parameters(*student))
+          t.copy_(file.get(name));
+        lora_attached = true;
+      }
+    }
+
+    // Generation with the current student (samples), at the stage's step count.
+    generate::TextToImageModel student_model = teacher;
+    student_model.unet = student;
+    student_model.scheduler.prediction_type = stage.prediction_type;
+    student_model.scheduler.timestep_spacing = diffusion::TimestepSpacing::kTrailing;
+    student_model.recommended = {stage.student_steps, 1.0, diffusion::SamplerKind::kEuler};
+    student_model.name = stage.name;
+    auto write_samples = [&](int64_t step) {
+      torch::NoGradGuard no_grad;
+      student->eval();
+      generate::GenerateRequest req;
+      for (int64_t c = 0; c < data::kFashionMnistClasses; ++c)
+        for (int64_t k = 0; k < recipe.sample_per_class; ++k)
+          req.prompts.push_back(data::class_prompt(c));
+      req.steps = stage.student_steps;
+      req.guidance_scale = 1.0;
+      req.sampler = diffusion::SamplerKind::kEuler;
+      req.seed = recipe.sample_seed;
+      auto images = generate::generate(student_model, req);
+      student->train();
+      auto grid = io::make_grid(io::to_uint8_image(images), recipe.sample_per_class, 2, 255);
+      io::write_png(
+          (out / "samples" / fmt::format("{:06d}-stage{}-{}.png", step, s + 1, stage.name))
+              .string(),
+          grid,
+          {{"parameters", fmt::format("stage {} ({}), iteration {}, {} steps, Euler, no "
+                                      "CFG; rows: the 10 classes",
+                                      s + 1, stage.name, step, stage.student_steps)}});
+    };
+
+    auto student_fn = [&](const torch::Tensor& x, const torch::Tensor& t,
+                          const torch::Tensor& ctx) {
+      models::UNetInputs in;
+      in.sample = x;
+      in.timestep = t;
+      in.encoder_hidden_states = ctx;
+      return student->forward(in);
+    };
+    ConditionedModel teacher_fn = [&](const torch::Tensor& x, const torch::Tensor& t,
+                                      const torch::Tensor& ctx) {
+      models::UNetInputs in;
+      in.sample = x;
+      in.timestep = t;
+      in.encoder_hidden_states = ctx;
+      return teacher.unet->forward(in);
+    };
+    auto d_features = [&](const torch::Tensor& x, const torch::Tensor& t,
+                          const torch::Tensor& ctx) {
+      models::UNetInputs in;
+      in.sample = x;
+      in.timestep = t;
+      in.encoder_hidden_states = ctx;
+      return disc->features(in);
+    };
+    const auto grid = stage.timesteps.empty()
+                          ? diffusion::trailing_timesteps(T, stage.student_steps)
+                          : stage.timesteps;
+    const auto grid_tensor = torch::tensor(grid, torch::kInt64);
+
+    const size_t first_phase = s == start.stage ? start.phase : 0;
+    for (size_t p = first_phase; p < phases.size(); ++p) {
+      const auto& phase = phases[p];
+      const int64_t phase_start_g =
+          g - ((s == start.stage && p == start.phase) ? start.iteration : 0);
+      const int64_t i0 = g - phase_start_g;
+      // LoRA on or off for this phase.
+      if (phase.lora && !lora_attached) {
+        torch::manual_seed(train::mix_seed(recipe.seed, 10, s));
+        for (auto& q : student->parameters())
+          q.set_requires_grad(false);
+        models::attach_lora(*student,
+                            {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
+        lora_attached = true;
+      } else if (phase.lora) {
+        for (auto& q : student->parameters())
+          q.set_requires_grad(false);
+      }
+      if (!phase.lora && lora_attached) {  // the full phase: keep the LoRA, merge it
+        fs::create_directories(stage_dir);
+        models::save_kohya_lora(*student, (stage_dir / "lora.safetensors").string(), "lora_unet_",
+                                c10::nullopt,
+                                {{"ss_network_dim", std::to_string(stage.lora_rank)},
+                                 {"ss_network_alpha", fmt::format("{:g}", stage.lora_alpha)},
+                                 {"lightning_stage", stage.name}});
+        models::merge_lora(*student);
+        lora_attached = false;
+        for (auto& q : student->parameters())
+          q.set_requires_grad(true);
+      }
+      const auto student_named =
+          phase.lora ? models::lora_parameters(*student) : train::named_params(*student, "");
+      const auto student_params = values(student_named);
+      const auto disc_named = train::named_params(*disc, "");
+      const auto disc_params = values(disc_named);
+      const double lr = (phase.name == "full" && stage.full_learning_rate > 0)
+                            ? stage.full_learning_rate
+                            : stage.learning_rate;
+      auto g_opt = make_adam(student_params, lr, stage.adam_beta1, stage.adam_beta2);
+      auto d_opt = make_adam(disc_params, stage.discriminator_learning_rate,
+                             stage.discriminator_beta1, stage.discriminator_beta2);
+      if (resuming_here && i0 > 0) {
+        train::restore_adam_state(g_opt, student_named,
+                                  (checkpoint_dir / "student_optimizer.safetensors").string(), i0,
+                                  false);
+        if (phase.objective == Objective::kConditional ||
+            phase.objective == Objective::kUnconditional)
+          train::restore_adam_state(
+              d_opt, disc_named, (checkpoint_dir / "discriminator_optimizer.safetensors").string(),
+              i0, false);
+      }
+      const bool adversarial = phase.objective == Objective::kConditional ||
+                               phase.objective == Objective::kUnconditional;
+      const int64_t adversarial_total =
+          stage.conditional_iterations + stage.unconditional_iterations + stage.full_iterations;
+
+      auto write_checkpoint = [&](int64_t step) {
+        io::write_directory_atomic(checkpoint_dir.string(), [&](const std::string& tmp) {
+          // Base weights (adapters are not part of the state dict) and adapters separately.
+          io::save_weights(*student, tmp + "/student.safetensors");
+          io::save_weights(*disc, tmp + "/discriminator.safetensors");
+          if (lora_attached) {
+            std::vector<std::pair<std::string, torch::Tensor>> lora;
+            for (auto& [name, t] : models::lora_parameters(*student))
+              lora.emplace_back(name, t.detach());
+            io::save_safetensors(tmp + "/lora.safetensors", lora);
+          }
+          io::save_safetensors(tmp + "/student_optimizer.safetensors",
+                               train::adam_state_tensors(g_opt, student_named));
+          io::save_safetensors(tmp + "/discriminator_optimizer.safetensors",
+                               train::adam_state_tensors(d_opt, disc_named));
+          io::write_json_file(tmp + "/state.json", {{"iteration", step},
+                                                    {"elapsed_s", elapsed_before + bar.elapsed_s()},
+                                                    {"stage", s + 1},
+                                                    {"phase", phase.name},
+                                                    {"total_iterations", total}});
+        });
+      };
+
+      Interval interval;
+      for (int64_t i = i0; i < phase.iterations && g < stop; ++i) {
+        // ---- The batch (randomness per global iteration: exact resume).
+        const auto index = sampler.batch(g, B);
+        auto gen =
+            train::torch_generator(train::mix_seed(recipe.seed, 2, static_cast<uint64_t>(g)));
+        const auto x0 = pixels.index_select(0, index);
+        const auto label = labels.index_select(0, index);
+        const auto tmpl = torch::randint(0, templates, {B}, gen, torch::kInt64);
+        const auto context = caption_context.index_select(0, label * templates + tmpl);
+        const auto uncond = empty_context.expand({B, empty_context.size(1), empty_context.size(2)});
+        const auto t = grid_tensor.index_select(
+            0, torch::randint(0, static_cast<int64_t>(grid.size()), {B}, gen, torch::kInt64));
+        const auto eps = torch::randn(x0.sizes(), gen, torch::kFloat32);
+        const auto x_t = student_input(schedule, x0, eps, t);
+        const auto teacher_denoiser = guided(teacher_fn, context, uncond, stage.teacher_guidance);
+
+        std::map<std::string, double> m;
+        if (phase.objective == Objective::kX0Warmup) {
+          torch::Tensor target_x0;
+          {
+            torch::NoGradGuard no_grad;
+            target_x0 = diffusion::split_model_output(teacher_type, teacher_denoiser(x_t, t), x_t,
+                                                      schedule.alpha_bar(t))
+                            .x0;
+          }
+          const auto out_s = student_fn(x_t, t, context);
+          const auto x0_s = diffusion::split_model_output(stage.prediction_type, out_s, x_t,
+                                                          schedule.alpha_bar(t))
+                                .x0;
+          auto loss = torch::mse_loss(x0_s, target_x0);
+          g_opt.zero_grad();
+          loss.backward();
+          m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
+          g_opt.step();
+          m["loss_mse"] = loss.item<double>();
+        } else {
+          torch::Tensor t_prev;
+          const auto target = teacher_target(teacher_denoiser, teacher_type, schedule, x_t, t,
+                                             stage.n(), stage.teacher_steps, &t_prev);
+          const auto out_s = student_fn(x_t, t, context);
+          const auto x_prev = student_jump(stage.prediction_type, schedule, out_s, x_t, t, t_prev);
+          if (!adversarial) {
+            auto loss = torch::mse_loss(x_prev, target);
+            g_opt.zero_grad();
+            loss.backward();
+            m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
+            g_opt.step();
+            m["loss_mse"] = loss.item<double>();
+          } else {
+            // What the discriminator sees: x_t' at t', or both re-noised to t* (1-step student).
+            torch::Tensor real = target, fake = x_prev, t_d = torch::clamp_min(t_prev, 0);
+            if (!stage.renoise_timesteps.empty()) {
+              const int64_t done_adv = g - (stage_start(recipe, s) + stage.x0_warmup_iterations);
+              const bool late =
+                  done_adv >= static_cast<int64_t>(stage.renoise_switch * adversarial_total);
+              t_d = sample_timesteps(stage.renoise_timesteps,
+                                     late ? stage.renoise_weights_late : stage.renoise_weights, B,
+                                     gen);
+              const auto n1 = torch::randn(x0.sizes(), gen, torch::kFloat32);
+              const auto n2 = torch::randn(x0.sizes(), gen, torch::kFloat32);
+              real = diffusion::add_noise(schedule, target, n1, t_d);
+              fake = diffusion::add_noise(schedule, x_prev, n2, t_d);
+            }
+            const bool conditional = phase.objective == Objective::kConditional;
+            auto logits = [&](const torch::Tensor& x, const torch::Tensor& f_t) {
+              auto f = d_features(x, t_d, context);
+              return conditional ? disc->conditional(f, f_t) : disc->unconditional(f);
+            };
+            // Discriminator update.
+            const auto f_t = conditional ? d_features(x_t, t, context) : torch::Tensor();
+            const auto real_logits = logits(real, f_t);
+            const auto fake_logits = logits(fake.detach(), f_t);
+            auto d_loss = discriminator_loss(real_logits, fake_logits);
+            d_opt.zero_grad();
+            d_loss.backward();
+            m["grad_norm_d"] = clip(disc_params, recipe.max_grad_norm);
+            d_opt.step();
+            // Student update against the updated discriminator.
+            torch::Tensor f_t2;
+            if (conditional) {
+              torch::NoGradGuard no_grad;
+              f_t2 = d_features(x_t, t, context);
+            }
+            for (auto& q : disc_params)  // the student's update needs no discriminator gradients
+              q.set_requires_grad(false);
+            const auto g_logits = logits(fake, f_t2);
+            auto g_loss = generator_loss(g_logits);
+            g_opt.zero_grad();
+            g_loss.backward();
+            for (auto& q : disc_params)
+              q.set_requires_grad(true);
+            m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
+            g_opt.step();
+            m["loss_d"] = d_loss.item<double>();
+            m["loss_g"] = g_loss.item<double>();
+            m["d_real"] = torch::sigmoid(real_logits).mean().item<double>();
+            m["d_fake"] = torch::sigmoid(fake_logits).mean().item<double>();
+            m["loss_mse"] = torch::mse_loss(x_prev.detach(), target).item<double>();
+          }
+        }
+        for (const auto& [name, v] : m)
+          if (!std::isfinite(v))
+            fail(
+                "distill: stage {} ({}), phase {}, iteration {}: {} is {}; stopped, the last good "
+                "checkpoint is {} (lower the learning rates in {})",
+                s + 1, stage.name, phase.name, g + 1, name, v, checkpoint_dir.string(),
+                recipe.file);
+        interval.add(m);
+        ++g;
+        bar.update(
+            g, fmt::format("stage {} {} {}", s + 1, phase.name,
+                           adversarial ? fmt::format("G {:.3f} D {:.3f}", m["loss_g"], m["loss_d"])
+                                       : fmt::format("mse {:.4f}", m["loss_mse"])));
+
+        const bool phase_done = i + 1 == phase.iterations;
+        if (g % recipe.log_every == 0 || phase_done || g == stop) {
+          const auto now = std::chrono::steady_clock::now();
+          const double secs = std::chrono::duration<double>(now - interval_start).count();
+          interval_start = now;
+          nlohmann::json line = {{"step", g},
+                                 {"stage", s + 1},
+                                 {"stage_name", stage.name},
+                                 {"phase", phase.name},
+                                 {"iteration", i + 1},
+                                 {"lr", lr},
+                                 {"images_per_s", interval.count * B / std::max(secs, 1e-9)},
+                                 {"elapsed_s", elapsed_before + bar.elapsed_s()}};
+          if (adversarial) line["lr_d"] = stage.discriminator_learning_rate;
+          for (const auto& [k, v] : interval.sums)
+            line[k] = v / interval.count;
+          std::fputs((line.dump() + "\n").c_str(), metrics);
+          std::fflush(metrics);
+          for (auto& c : curves) {
+            const std::string key = c.name == "generator"       ? "loss_g"
+                                    : c.name == "discriminator" ? "loss_d"
+                                                                : "loss_mse";
+            if (line.contains(key)) {
+              c.x.push_back(static_cast<double>(g));
+              c.y.push_back(line[key].get<double>());
+            }
+          }
+          train::write_curves_png(curves, (out / "loss.png").string(),
+                                  "distillation losses (all stages)", "loss", true);
+          interval = Interval{};
+        }
+        const bool stage_done = phase_done && p + 1 == phases.size();
+        if (g % recipe.sample_every == 0 && !stage_done) write_samples(g);
+        if (stage_done) {  // finish the stage before its checkpoint: resuming starts the next one
+          if (lora_attached) {
+            fs::create_directories(stage_dir);
+            models::save_kohya_lora(*student, (stage_dir / "lora.safetensors").string(),
+                                    "lora_unet_", c10::nullopt,
+                                    {{"ss_network_dim", std::to_string(stage.lora_rank)},
+                                     {"ss_network_alpha", fmt::format("{:g}", stage.lora_alpha)},
+                                     {"lightning_stage", stage.name}});
+            models::merge_lora(*student);
+            lora_attached = false;
+          }
+          write_samples(g);
+          student->eval();
+          generate::save_model(student_model, (stage_dir / "model").string(), torch::kFloat16);
+          result.model_dirs.push_back((stage_dir / "model").string());
+          spdlog::info("distill: stage {} ({}) done: {}", s + 1, stage.name,
+                       (stage_dir / "model").string());
+        }
+        const bool interrupted = g_interrupted.load();
+        if (g % recipe.checkpoint_every == 0 || g == stop || stage_done || interrupted)
+          write_checkpoint(g);
+        if (interrupted) {
+          bar.finish();
+          spdlog::warn(
+              "distill: interrupted at iteration {}; checkpoint written (continue with --resume)",
+              g);
+          result.interrupted = true;
+          result.iterations = g;
+          return result;
+        }
+      }
+      if (g >= stop && g < total) {
+        bar.finish();
+        spdlog::info("distill: stopped at iteration {} of {} (continue with --resume)", g, total);
+        result.iterations = g;
+        return result;
+      }
+    }
+    // The next stage's teacher: this stage's student as saved (what a resumed run loads too).
+    teacher = generate::load_model(result.model_dirs.back(), {});
+    teacher.text_encoder->eval();
+  }
+  bar.finish();
+  result.iterations = g;
+  spdlog::info("distill: {} stages done in {}", recipe.stages.size(),
+               format_duration(elapsed_before + bar.elapsed_s()));
+  return result;
+}
+
+}  // namespace lightning::distill

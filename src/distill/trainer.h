@@ -1,0 +1,51 @@
+// The stage trainer of progressive adversarial distillation (`lightning distill`), on the
+// Fashion-MNIST text-to-image models of this project (pixel space, SD-1.x-style conditioning).
+// The recipe format is in distill/recipe.h; the objectives in distill/objectives.h.
+//
+// One iteration of a stage (teacher K steps -> student K/n steps), batch B:
+//   real x0 and captions from the train split; t drawn from the student's timestep grid;
+//   x_t = student_input(x0, eps, t) (pure noise at t = T - 1);
+//   the teacher's x_t' = n guided DDIM steps (frozen, no gradient);
+//   the student's x_t' = one DDIM jump from its output;
+//   mse / x0_warmup: an MSE update of the student;
+//   conditional / unconditional: a discriminator update (real: the teacher's x_t', fake: the
+//   student's), then a student update against the updated discriminator (non-saturating).
+// The text encoder is the teacher's, frozen. The discriminator is re-initialised from the
+// stage's teacher at each stage; each phase starts fresh Adam moments.
+//
+// A run directory holds: recipe.toml, metrics.jsonl, loss.png, samples/, checkpoint/ (replaced
+// atomically; resuming gives the same next step as not stopping) and per stage
+// stage-<i>-<name>/model/ (a model directory `lightning generate` loads) and, for LoRA stages,
+// stage-<i>-<name>/lora.safetensors (kohya format; `generate --lora` applies it to the stage's
+// teacher).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "distill/recipe.h"
+
+namespace lightning::distill {
+
+struct DistillOptions {
+  std::string out_dir;
+  std::string models_root;  // where shipped model names are looked up
+  bool resume = false;
+  // Stops after this many iterations (over all stages) with a checkpoint: training in sessions.
+  std::optional<int64_t> until;
+};
+
+struct DistillResult {
+  std::vector<std::string> model_dirs;  // one per finished stage, in order
+  bool interrupted = false;             // stopped by SIGINT (a checkpoint was written)
+  int64_t iterations = 0;               // where training stopped
+};
+
+// Checks the run directory and the recipe against the teacher before any training (usage
+// errors name the flag or key), then trains. SIGINT during training writes a checkpoint and
+// returns with `interrupted`.
+DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions& options);
+
+}  // namespace lightning::distill

@@ -1,0 +1,131 @@
+#include "train/train_util.h"
+
+#include <array>
+#include <random>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "io/image.h"
+#include "io/plot.h"
+#include "io/safetensors.h"
+
+namespace lightning::train {
+
+uint64_t mix_seed(uint64_t seed, uint64_t purpose, uint64_t index) {
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+                    static_cast<uint32_t>(purpose), static_cast<uint32_t>(index),
+                    static_cast<uint32_t>(index >> 32)};
+  std::mt19937_64 rng(seq);
+  return rng();
+}
+
+at::Generator torch_generator(uint64_t seed) {
+  return at::make_generator<at::CPUGeneratorImpl>(seed);
+}
+
+torch::Tensor EpochSampler::batch(int64_t step, int64_t batch_size) {
+  auto out = torch::empty({batch_size}, torch::kInt64);
+  auto* acc = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < batch_size; ++i) {
+    const int64_t k = step * batch_size + i;
+    const int64_t epoch = k / n_;
+    if (epoch != epoch_) {
+      perm_ = torch::randperm(n_, torch_generator(mix_seed(seed_, 1, static_cast<uint64_t>(epoch))),
+                              torch::kInt64);
+      epoch_ = epoch;
+    }
+    acc[i] = perm_.data_ptr<int64_t>()[k % n_];
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> named_params(const torch::nn::Module& module,
+                                                                const std::string& prefix) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& item : module.named_parameters(true))
+    out.emplace_back(prefix + item.key(), item.value());
+  return out;
+}
+
+namespace {
+template <typename State>
+void put_state(torch::optim::Optimizer& optimizer, const torch::Tensor& p, int64_t step,
+               torch::Tensor exp_avg, torch::Tensor exp_avg_sq) {
+  auto st = std::make_unique<State>();
+  st->step(step);
+  st->exp_avg(std::move(exp_avg));
+  st->exp_avg_sq(std::move(exp_avg_sq));
+  optimizer.state()[c10::guts::to_string(p.unsafeGetTensorImpl())] = std::move(st);
+}
+}  // namespace
+
+std::vector<std::pair<std::string, torch::Tensor>> adam_state_tensors(
+    torch::optim::Optimizer& optimizer,
+    const std::vector<std::pair<std::string, torch::Tensor>>& params) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& [name, p] : params) {
+    auto it = optimizer.state().find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+    if (it == optimizer.state().end()) continue;
+    if (auto* adam = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
+      out.emplace_back(name + ".exp_avg", adam->exp_avg());
+      out.emplace_back(name + ".exp_avg_sq", adam->exp_avg_sq());
+    } else if (auto* adamw = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
+      out.emplace_back(name + ".exp_avg", adamw->exp_avg());
+      out.emplace_back(name + ".exp_avg_sq", adamw->exp_avg_sq());
+    }
+  }
+  return out;
+}
+
+void restore_adam_state(torch::optim::Optimizer& optimizer,
+                        const std::vector<std::pair<std::string, torch::Tensor>>& params,
+                        const std::string& file, int64_t step, bool adamw) {
+  io::SafetensorsFile f(file);
+  for (const auto& [name, p] : params) {
+    if (!f.contains(name + ".exp_avg")) continue;  // no state yet when saved
+    auto m = f.get(name + ".exp_avg").clone(), v = f.get(name + ".exp_avg_sq").clone();
+    if (m.sizes() != p.sizes())
+      fail("{}: '{}.exp_avg' has another shape than the parameter", file, name);
+    if (adamw)
+      put_state<torch::optim::AdamWParamState>(optimizer, p, step, m, v);
+    else
+      put_state<torch::optim::AdamParamState>(optimizer, p, step, m, v);
+  }
+}
+
+void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
+                      const std::string& title, const std::string& y_label, bool log_y,
+                      size_t smooth) {
+  static const std::array<std::array<uint8_t, 3>, 6> kColors = {{{31, 119, 180},
+                                                                 {214, 39, 40},
+                                                                 {44, 160, 44},
+                                                                 {148, 103, 189},
+                                                                 {255, 127, 14},
+                                                                 {23, 190, 207}}};
+  std::vector<io::PlotSeries> series;
+  for (size_t i = 0; i < curves.size(); ++i) {
+    const auto& c = curves[i];
+    if (c.x.empty()) continue;
+    auto color = kColors[i % kColors.size()];
+    if (smooth > 1) {
+      std::array<uint8_t, 3> light;
+      for (size_t k = 0; k < 3; ++k)
+        light[k] = static_cast<uint8_t>(color[k] + (255 - color[k]) * 6 / 10);
+      series.push_back({c.name + " (raw)", c.x, c.y, light});
+      series.push_back({c.name, c.x, io::moving_average(c.y, smooth), color});
+    } else {
+      series.push_back({c.name, c.x, c.y, color});
+    }
+  }
+  if (series.empty()) return;
+  io::PlotOptions options;
+  options.title = title;
+  options.x_label = "step";
+  options.y_label = y_label;
+  options.log_y = log_y;
+  io::write_png(path, io::render_line_plot(series, options));
+}
+
+}  // namespace lightning::train

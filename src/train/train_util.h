@@ -1,0 +1,58 @@
+// Pieces shared by the trainers (teacher, classifier, distillation): reproducible randomness per
+// (seed, purpose, step), an endless epoch sampler, Adam moments in checkpoints, metric plots.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/optim/adam.h>
+#include <torch/types.h>
+
+namespace lightning::train {
+
+// Deterministic randomness per (seed, purpose, index): resuming at step s redraws exactly what
+// an uninterrupted run would have drawn, without saving generator states.
+uint64_t mix_seed(uint64_t seed, uint64_t purpose, uint64_t index);
+at::Generator torch_generator(uint64_t seed);
+
+// Positions step*B .. step*B+B-1 of the endless sequence of per-epoch permutations of [0, n).
+class EpochSampler {
+ public:
+  EpochSampler(int64_t n, uint64_t seed) : n_(n), seed_(seed) {}
+  torch::Tensor batch(int64_t step, int64_t batch_size);
+
+ private:
+  int64_t n_;
+  uint64_t seed_;
+  int64_t epoch_ = -1;
+  torch::Tensor perm_;
+};
+
+// The module's parameters as (prefix + name, tensor).
+std::vector<std::pair<std::string, torch::Tensor>> named_params(const torch::nn::Module& module,
+                                                                const std::string& prefix);
+
+// Adam/AdamW moments of `params` as tensors "<name>.exp_avg" / "<name>.exp_avg_sq" (parameters
+// without state yet are skipped), and back. `step` is restored into every state.
+std::vector<std::pair<std::string, torch::Tensor>> adam_state_tensors(
+    torch::optim::Optimizer& optimizer,
+    const std::vector<std::pair<std::string, torch::Tensor>>& params);
+void restore_adam_state(torch::optim::Optimizer& optimizer,
+                        const std::vector<std::pair<std::string, torch::Tensor>>& params,
+                        const std::string& file, int64_t step, bool adamw);
+
+// A metric curve for a plot: (step, value) points.
+struct Curve {
+  std::string name;
+  std::vector<double> x, y;
+};
+// Writes a PNG line plot of the curves (each with a moving average of `smooth` points drawn over
+// it when > 1), log y axis when `log_y`.
+void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
+                      const std::string& title, const std::string& y_label, bool log_y,
+                      size_t smooth = 10);
+
+}  // namespace lightning::train
