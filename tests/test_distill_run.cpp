@@ -230,3 +230,18 @@ head_channels = 32
   EXPECT_LT(after.fid, before.fid);
   EXPECT_GT(after.prompt_accuracy, before.prompt_accuracy);
 }
+
+TEST(Cli, DistillCtrlCWritesACheckpointAndResumes) {
+  const auto dir = test::temp_dir();
+  const auto recipe = test::source_path("recipes/quick-distill.toml");
+  auto r =
+      test::run_lightning("distill --recipe " + recipe + " --out " + dir +
+                          "/run --threads 1 2>&1 & pid=$!; sleep 12; kill -INT $pid; wait $pid");
+  EXPECT_EQ(r.exit_code, 130) << r.output;
+  EXPECT_NE(r.output.find("interrupted"), std::string::npos) << r.output;
+  ASSERT_TRUE(fs::exists(dir + "/run/checkpoint/state.json"));
+  auto resumed = test::run_lightning("distill --recipe " + recipe + " --out " + dir +
+                                     "/run --resume --threads 1");
+  EXPECT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_TRUE(fs::exists(dir + "/run/stage-3-2-to-1/model/lightning.json"));
+}

@@ -6,6 +6,7 @@
 #include "data/fashion_mnist.h"
 #include "io/json_config.h"
 #include "io/toml.h"
+#include "train/train_util.h"
 
 namespace lightning::distill {
 namespace {
@@ -98,6 +99,8 @@ StageRecipe read_stage(const nlohmann::json& json, const std::string& where) {
 
   s.learning_rate = r.get_double("learning_rate", s.loss == "mse" ? 1e-5 : 1e-6);
   s.full_learning_rate = r.get_double("full_learning_rate", 0);
+  s.x0_warmup_learning_rate = r.get_double("x0_warmup_learning_rate", 0);
+  if (!(s.x0_warmup_learning_rate >= 0)) r.fail_key("x0_warmup_learning_rate", "must be >= 0");
   if (s.loss == "adversarial") s.adam_beta1 = 0.0, s.adam_beta2 = 0.99;
   get_pair(r, "adam_betas", s.adam_beta1, s.adam_beta2);
   s.discriminator_learning_rate = r.get_double("discriminator_learning_rate", s.learning_rate);
@@ -209,13 +212,11 @@ DistillRecipe DistillRecipe::from_json(const nlohmann::json& json, const std::st
     t.refuse_unknown_keys();
   }
   {
-    io::ConfigReader l(section(root, "log"), file + " [log]");
-    r.log_every = l.get_int("log_every", r.log_every);
-    r.sample_every = l.get_int("sample_every", r.sample_every);
-    r.checkpoint_every = l.get_int("checkpoint_every", r.checkpoint_every);
-    for (const char* key : {"log_every", "sample_every", "checkpoint_every"})
-      if (l.get_int(key, 1) < 1) l.fail_key(key, "must be >= 1");
-    l.refuse_unknown_keys();
+    const auto log = train::read_log_section(section(root, "log"), file + " [log]",
+                                             {r.log_every, r.sample_every, r.checkpoint_every});
+    r.log_every = log.log_every;
+    r.sample_every = log.sample_every;
+    r.checkpoint_every = log.checkpoint_every;
   }
   {
     io::ConfigReader s(section(root, "sample"), file + " [sample]");

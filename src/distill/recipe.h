@@ -60,7 +60,8 @@ struct StageRecipe {
   // Student optimiser (Adam, no weight decay; the paper's betas are (0.9, 0.999) for MSE and
   // (0, 0.99) for adversarial stages).
   double learning_rate = 1e-5;
-  double full_learning_rate = 0;  // the full phase of a LoRA stage; 0: learning_rate
+  double full_learning_rate = 0;       // the full phase of a LoRA stage; 0: learning_rate
+  double x0_warmup_learning_rate = 0;  // the x0_warmup phase; 0: learning_rate
   double adam_beta1 = 0.9, adam_beta2 = 0.999;
   // Discriminator optimiser.
   double discriminator_learning_rate = 1e-6;

@@ -107,6 +107,16 @@ std::vector<torch::Tensor> values(const std::vector<std::pair<std::string, torch
   return out;
 }
 
+// The UNet inputs of SD-1.x-style conditioning.
+models::UNetInputs text_inputs(const torch::Tensor& x, const torch::Tensor& t,
+                               const torch::Tensor& context) {
+  models::UNetInputs in;
+  in.sample = x;
+  in.timestep = t;
+  in.encoder_hidden_states = context;
+  return in;
+}
+
 // Metrics averaged over a log interval.
 struct Interval {
   std::map<std::string, double> sums;
@@ -335,27 +345,15 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
 
     auto student_fn = [&](const torch::Tensor& x, const torch::Tensor& t,
                           const torch::Tensor& ctx) {
-      models::UNetInputs in;
-      in.sample = x;
-      in.timestep = t;
-      in.encoder_hidden_states = ctx;
-      return student->forward(in);
+      return student->forward(text_inputs(x, t, ctx));
     };
     ConditionedModel teacher_fn = [&](const torch::Tensor& x, const torch::Tensor& t,
                                       const torch::Tensor& ctx) {
-      models::UNetInputs in;
-      in.sample = x;
-      in.timestep = t;
-      in.encoder_hidden_states = ctx;
-      return teacher.unet->forward(in);
+      return teacher.unet->forward(text_inputs(x, t, ctx));
     };
     auto d_features = [&](const torch::Tensor& x, const torch::Tensor& t,
                           const torch::Tensor& ctx) {
-      models::UNetInputs in;
-      in.sample = x;
-      in.timestep = t;
-      in.encoder_hidden_states = ctx;
-      return disc->features(in);
+      return disc->features(text_inputs(x, t, ctx));
     };
     const auto grid = stage.timesteps.empty()
                           ? diffusion::trailing_timesteps(T, stage.student_steps)
@@ -397,9 +395,10 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       const auto student_params = values(student_named);
       const auto disc_named = train::named_params(*disc, "");
       const auto disc_params = values(disc_named);
-      const double lr = (phase.name == "full" && stage.full_learning_rate > 0)
-                            ? stage.full_learning_rate
-                            : stage.learning_rate;
+      double lr = stage.learning_rate;
+      if (phase.name == "full" && stage.full_learning_rate > 0) lr = stage.full_learning_rate;
+      if (phase.objective == Objective::kX0Warmup && stage.x0_warmup_learning_rate > 0)
+        lr = stage.x0_warmup_learning_rate;
       auto g_opt = make_adam(student_params, lr, stage.adam_beta1, stage.adam_beta2);
       auto d_opt = make_adam(disc_params, stage.discriminator_learning_rate,
                              stage.discriminator_beta1, stage.discriminator_beta2);

@@ -145,13 +145,11 @@ TeacherRecipe TeacherRecipe::from_json(const nlohmann::json& json, const std::st
     t.refuse_unknown_keys();
   }
   {
-    io::ConfigReader l(section(root, "log"), file + " [log]");
-    r.log_every = l.get_int("log_every", r.log_every);
-    r.sample_every = l.get_int("sample_every", r.sample_every);
-    r.checkpoint_every = l.get_int("checkpoint_every", r.checkpoint_every);
-    for (const char* key : {"log_every", "sample_every", "checkpoint_every"})
-      if (l.get_int(key, 1) < 1) l.fail_key(key, "must be >= 1");
-    l.refuse_unknown_keys();
+    const auto log = train::read_log_section(section(root, "log"), file + " [log]",
+                                             {r.log_every, r.sample_every, r.checkpoint_every});
+    r.log_every = log.log_every;
+    r.sample_every = log.sample_every;
+    r.checkpoint_every = log.checkpoint_every;
   }
   {
     io::ConfigReader s(section(root, "sample"), file + " [sample]");

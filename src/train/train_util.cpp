@@ -8,10 +8,24 @@
 
 #include "core/error.h"
 #include "io/image.h"
+#include "io/json_config.h"
 #include "io/plot.h"
 #include "io/safetensors.h"
 
 namespace lightning::train {
+
+LogIntervals read_log_section(const nlohmann::json& section, const std::string& where,
+                              LogIntervals defaults) {
+  io::ConfigReader l(section, where);
+  LogIntervals out;
+  out.log_every = l.get_int("log_every", defaults.log_every);
+  out.sample_every = l.get_int("sample_every", defaults.sample_every);
+  out.checkpoint_every = l.get_int("checkpoint_every", defaults.checkpoint_every);
+  for (const char* key : {"log_every", "sample_every", "checkpoint_every"})
+    if (l.get_int(key, 1) < 1) l.fail_key(key, "must be >= 1");
+  l.refuse_unknown_keys();
+  return out;
+}
 
 uint64_t mix_seed(uint64_t seed, uint64_t purpose, uint64_t index) {
   std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),

@@ -10,8 +10,18 @@
 #include <torch/nn/module.h>
 #include <torch/optim/adam.h>
 #include <torch/types.h>
+#include <nlohmann/json.hpp>
 
 namespace lightning::train {
+
+// A recipe's [log] table: how often to log metrics, write sample grids and checkpoints.
+struct LogIntervals {
+  int64_t log_every = 25, sample_every = 500, checkpoint_every = 500;
+};
+// Reads log_every, sample_every and checkpoint_every (each >= 1) from `section` over `defaults`;
+// unknown keys are refused. `where` names the table in errors ("recipe.toml [log]").
+LogIntervals read_log_section(const nlohmann::json& section, const std::string& where,
+                              LogIntervals defaults);
 
 // Deterministic randomness per (seed, purpose, index): resuming at step s redraws exactly what
 // an uninterrupted run would have drawn, without saving generator states.
