@@ -27,7 +27,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct GenerateArgs {
-  std::string model = "fmnist-teacher";
+  std::string model = "fmnist-lightning-4step";
   std::string prompt, negative_prompt;
   std::optional<int64_t> steps;
   std::optional<double> guidance;

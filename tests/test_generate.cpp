@@ -126,7 +126,7 @@ TEST(Cli, GenerateWritesReproduciblePngsWithParameters) {
                                dir + "/a.png --threads 1");
   ASSERT_EQ(a.exit_code, 0) << a.output;
   auto b = test::run_lightning(
-      "generate --model fmnist-teacher --prompt 'a photo of a bag' "
+      "generate --model fmnist-lightning-4step --prompt 'a photo of a bag' "
       "--steps 3 --seed 4 --out " +
       dir + "/b.png --threads 1");
   ASSERT_EQ(b.exit_code, 0) << b.output;
