@@ -87,6 +87,9 @@ TEST(DistillRecipe, RefusesBadRecipesNamingTheKey) {
   EXPECT_NE(error_of("task = \"distill\"\n" + stage).find("model"), std::string::npos);
   EXPECT_NE(error_of(std::string(kHead)).find("stages"), std::string::npos);
 
+  for (const char* shipped : {"recipes/fmnist-lightning.toml", "recipes/fmnist-lightning-1step.toml",
+                              "recipes/fmnist-progressive-mse.toml"})
+    EXPECT_NO_THROW(distill::DistillRecipe::load(test::source_path(shipped))) << shipped;
   const auto q = distill::DistillRecipe::load(test::source_path("recipes/quick-distill.toml"));
   ASSERT_EQ(q.stages.size(), 3u);
   const auto phases = q.stages[1].phases();
