@@ -440,6 +440,17 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         });
       };
 
+      // One MSE update of the student (the mse and x0_warmup objectives).
+      auto mse_update = [&](const torch::Tensor& prediction, const torch::Tensor& target,
+                            std::map<std::string, double>& m) {
+        auto loss = torch::mse_loss(prediction, target);
+        g_opt.zero_grad();
+        loss.backward();
+        m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
+        g_opt.step();
+        m["loss_mse"] = loss.item<double>();
+      };
+
       Interval interval;
       for (int64_t i = i0; i < phase.iterations && g < stop; ++i) {
         // ---- The batch (randomness per global iteration: exact resume).
@@ -470,12 +481,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           const auto x0_s = diffusion::split_model_output(stage.prediction_type, out_s, x_t,
                                                           schedule.alpha_bar(t))
                                 .x0;
-          auto loss = torch::mse_loss(x0_s, target_x0);
-          g_opt.zero_grad();
-          loss.backward();
-          m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
-          g_opt.step();
-          m["loss_mse"] = loss.item<double>();
+          mse_update(x0_s, target_x0, m);
         } else {
           torch::Tensor t_prev;
           const auto target = teacher_target(teacher_denoiser, teacher_type, schedule, x_t, t,
@@ -483,12 +489,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           const auto out_s = student_fn(x_t, t, context);
           const auto x_prev = student_jump(stage.prediction_type, schedule, out_s, x_t, t, t_prev);
           if (!adversarial) {
-            auto loss = torch::mse_loss(x_prev, target);
-            g_opt.zero_grad();
-            loss.backward();
-            m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
-            g_opt.step();
-            m["loss_mse"] = loss.item<double>();
+            mse_update(x_prev, target, m);
           } else {
             // What the discriminator sees: x_t' at t', or both re-noised to t* (1-step student).
             torch::Tensor real = target, fake = x_prev, t_d = torch::clamp_min(t_prev, 0);
