@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 
 #include <torch/torch.h>
@@ -58,11 +59,16 @@ torch::Tensor teacher_target(const Denoiser& teacher, diffusion::PredictionType 
   if (t_cpu.dim() != 1 || t_cpu.size(0) != B)
     fail("teacher_target: expected timesteps [{}], got {} values", B, t_cpu.numel());
   // Per-sample paths, [n + 1, B].
+  // The batch holds few distinct timesteps (a grid): one path each.
   auto paths = torch::empty({n + 1, B}, torch::kInt64);
+  auto acc = paths.accessor<int64_t, 2>();
+  const auto* ts = t_cpu.data_ptr<int64_t>();
+  std::map<int64_t, std::vector<int64_t>> by_t;
   for (int64_t i = 0; i < B; ++i) {
-    auto path = teacher_path(t_cpu[i].item<int64_t>(), n, teacher_steps, T);
+    auto it = by_t.find(ts[i]);
+    if (it == by_t.end()) it = by_t.emplace(ts[i], teacher_path(ts[i], n, teacher_steps, T)).first;
     for (int64_t k = 0; k <= n; ++k)
-      paths[k][i] = path[static_cast<size_t>(k)];
+      acc[k][i] = it->second[static_cast<size_t>(k)];
   }
   // Every sample takes part in every call (the denoiser's conditioning is bound to the whole
   // batch); samples already at the clean end compute a dummy step (t 0 -> -1) that is dropped.

@@ -1,5 +1,6 @@
 #include "distill/trainer.h"
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -176,11 +177,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       fail("{} [[stages]] #{}: teacher_steps {} exceeds the schedule's {} timesteps", recipe.file,
            s + 1, st.teacher_steps, T);
   }
-  {  // Keep the recipe beside the results.
-    std::ifstream in(recipe.file, std::ios::binary);
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!text.empty()) io::write_file_atomic((out / "recipe.toml").string(), text);
-  }
+  train::keep_recipe_copy(recipe.file, out.string());  // the recipe beside the results
 
   // ---- Data, captions and their (frozen) text encodings.
   auto dataset = data::load_fashion_mnist(data::Split::kTrain, recipe.data_dir);
@@ -204,6 +201,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   // ---- State: where to start.
   int64_t g = 0;
   double elapsed_before = 0;
+  std::vector<nlohmann::json> kept_metrics;  // of the run being resumed
   if (options.resume) {
     auto state = io::read_json_file((checkpoint_dir / "state.json").string());
     g = state.at("iteration").get<int64_t>();
@@ -211,15 +209,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     if (g > total)
       fail("{}: the checkpoint is at iteration {} but the recipe has {} in all",
            (checkpoint_dir / "state.json").string(), g, total);
-    // Metrics after the checkpoint belong to the interrupted run: drop them.
-    std::ifstream in(metrics_path);
-    std::string line, kept;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() > g) continue;
-      kept += line + "\n";
-    }
-    io::write_file_atomic(metrics_path.string(), kept);
+    kept_metrics = train::truncate_metrics(metrics_path.string(), g);
     spdlog::info("distill: resuming {} at iteration {} of {}", out.string(), g, total);
   }
   DistillResult result;
@@ -242,26 +232,19 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   std::FILE* metrics = std::fopen(metrics_path.c_str(), "a");
   if (!metrics) fail("{}: cannot open for appending", metrics_path.string());
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> metrics_guard(metrics, &std::fclose);
+  // The loss curves of loss.png and the metric each one plots.
   std::vector<train::Curve> curves = {
       {"generator", {}, {}}, {"discriminator", {}, {}}, {"mse", {}, {}}};
-  {  // Curves of the kept metrics.
-    std::ifstream in(metrics_path);
-    std::string line;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line, nullptr, false);
-      if (j.is_discarded()) continue;
-      const double x = j.value("step", 0.0);
-      for (auto& c : curves) {
-        const std::string key = c.name == "generator"       ? "loss_g"
-                                : c.name == "discriminator" ? "loss_d"
-                                                            : "loss_mse";
-        if (j.contains(key)) {
-          c.x.push_back(x);
-          c.y.push_back(j[key].get<double>());
-        }
+  const std::array<const char*, 3> curve_keys = {"loss_g", "loss_d", "loss_mse"};
+  auto add_to_curves = [&](const nlohmann::json& line) {
+    for (size_t c = 0; c < curves.size(); ++c)
+      if (line.contains(curve_keys[c])) {
+        curves[c].x.push_back(line.value("step", 0.0));
+        curves[c].y.push_back(line[curve_keys[c]].get<double>());
       }
-    }
-  }
+  };
+  for (const auto& line : kept_metrics)
+    add_to_curves(line);
 
   train::EpochSampler sampler(pixels.size(0), recipe.seed);
   const int64_t stop = std::min(total, options.until.value_or(total));
@@ -293,15 +276,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     disc->train();
     bool lora_attached = false;
     if (resuming_here && g > stage_start(recipe, s)) {
-      io::LoadOptions load;
-      auto load_into = [&](torch::nn::Module& module, const std::string& file) {
-        io::WeightFiles weights({(checkpoint_dir / file).string()});
-        io::load_weights(module, weights, load, (checkpoint_dir / file).string());
-        for (auto& p : module.parameters(true))
-          p.set_data(p.data().clone());  // views of the file: train on copies
-      };
-      load_into(*student, "student.safetensors");
-      load_into(*disc, "discriminator.safetensors");
+      train::load_trainable_weights(*student, (checkpoint_dir / "student.safetensors").string());
+      train::load_trainable_weights(*disc, (checkpoint_dir / "discriminator.safetensors").string());
       if (fs::exists(checkpoint_dir / "lora.safetensors")) {
         models::attach_lora(*student,
                             {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
@@ -360,6 +336,18 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                           : stage.timesteps;
     const auto grid_tensor = torch::tensor(grid, torch::kInt64);
 
+    // The stage's LoRA as a kohya file (applies to this stage's teacher), then merged.
+    auto save_and_merge_lora = [&] {
+      fs::create_directories(stage_dir);
+      models::save_kohya_lora(*student, (stage_dir / "lora.safetensors").string(), "lora_unet_",
+                              c10::nullopt,
+                              {{"ss_network_dim", std::to_string(stage.lora_rank)},
+                               {"ss_network_alpha", fmt::format("{:g}", stage.lora_alpha)},
+                               {"lightning_stage", stage.name}});
+      models::merge_lora(*student);
+      lora_attached = false;
+    };
+
     const size_t first_phase = s == start.stage ? start.phase : 0;
     for (size_t p = first_phase; p < phases.size(); ++p) {
       const auto& phase = phases[p];
@@ -367,26 +355,17 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           g - ((s == start.stage && p == start.phase) ? start.iteration : 0);
       const int64_t i0 = g - phase_start_g;
       // LoRA on or off for this phase.
-      if (phase.lora && !lora_attached) {
-        torch::manual_seed(train::mix_seed(recipe.seed, 10, s));
+      if (phase.lora) {  // the base weights are frozen under a LoRA
         for (auto& q : student->parameters())
           q.set_requires_grad(false);
-        models::attach_lora(*student,
-                            {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
-        lora_attached = true;
-      } else if (phase.lora) {
-        for (auto& q : student->parameters())
-          q.set_requires_grad(false);
-      }
-      if (!phase.lora && lora_attached) {  // the full phase: keep the LoRA, merge it
-        fs::create_directories(stage_dir);
-        models::save_kohya_lora(*student, (stage_dir / "lora.safetensors").string(), "lora_unet_",
-                                c10::nullopt,
-                                {{"ss_network_dim", std::to_string(stage.lora_rank)},
-                                 {"ss_network_alpha", fmt::format("{:g}", stage.lora_alpha)},
-                                 {"lightning_stage", stage.name}});
-        models::merge_lora(*student);
-        lora_attached = false;
+        if (!lora_attached) {
+          torch::manual_seed(train::mix_seed(recipe.seed, 10, s));
+          models::attach_lora(*student,
+                              {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
+          lora_attached = true;
+        }
+      } else if (lora_attached) {  // the full phase: keep the LoRA, merge it, train everything
+        save_and_merge_lora();
         for (auto& q : student->parameters())
           q.set_requires_grad(true);
       }
@@ -574,15 +553,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
             line[k] = v / interval.count;
           std::fputs((line.dump() + "\n").c_str(), metrics);
           std::fflush(metrics);
-          for (auto& c : curves) {
-            const std::string key = c.name == "generator"       ? "loss_g"
-                                    : c.name == "discriminator" ? "loss_d"
-                                                                : "loss_mse";
-            if (line.contains(key)) {
-              c.x.push_back(static_cast<double>(g));
-              c.y.push_back(line[key].get<double>());
-            }
-          }
+          add_to_curves(line);
           train::write_curves_png(curves, (out / "loss.png").string(),
                                   "distillation losses (all stages)", "loss", true);
           interval = Interval{};
@@ -590,16 +561,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         const bool stage_done = phase_done && p + 1 == phases.size();
         if (g % recipe.sample_every == 0 && !stage_done) write_samples(g);
         if (stage_done) {  // finish the stage before its checkpoint: resuming starts the next one
-          if (lora_attached) {
-            fs::create_directories(stage_dir);
-            models::save_kohya_lora(*student, (stage_dir / "lora.safetensors").string(),
-                                    "lora_unet_", c10::nullopt,
-                                    {{"ss_network_dim", std::to_string(stage.lora_rank)},
-                                     {"ss_network_alpha", fmt::format("{:g}", stage.lora_alpha)},
-                                     {"lightning_stage", stage.name}});
-            models::merge_lora(*student);
-            lora_attached = false;
-          }
+          if (lora_attached) save_and_merge_lora();
           write_samples(g);
           student->eval();
           generate::save_model(student_model, (stage_dir / "model").string(), torch::kFloat16);

@@ -313,15 +313,14 @@ LoRASpec LoRASpec::parse(const std::string& value) {
 }
 
 void apply_loras(TextToImageModel& model, const std::vector<LoRASpec>& loras, bool allow_partial) {
-  std::vector<models::LoRATarget> targets = {
+  const std::vector<models::LoRATarget> targets = {
       {model.unet.get(), "lora_unet_", {"unet.", ""}},
+      {model.text_encoder.get(), "lora_te_", {"text_encoder."}},
+      {model.text_encoder.get(), "lora_te1_", {}},
   };
   for (const auto& spec : loras) {
     const auto file = models::read_lora_file(spec.path);
-    auto with_text = targets;
-    with_text.push_back({model.text_encoder.get(), "lora_te_", {"text_encoder."}});
-    with_text.push_back({model.text_encoder.get(), "lora_te1_", {}});
-    const auto report = models::apply_lora(file, with_text, spec.scale, allow_partial);
+    const auto report = models::apply_lora(file, targets, spec.scale, allow_partial);
     if (!report.unmatched.empty())
       spdlog::warn("{}: {} of {} modules matched no layer and were skipped (first: {})", spec.path,
                    report.unmatched.size(), file.modules.size(), report.unmatched.front());

@@ -27,12 +27,15 @@ std::string shape_str(const torch::Tensor& t) {
   return fmt::format("[{}]", fmt::join(t.sizes(), ", "));
 }
 
-// scale * up @ down in the shape of the layer's weight, float32.
-torch::Tensor lora_delta(const torch::Tensor& down, const torch::Tensor& up,
-                         const std::vector<int64_t>& weight_shape, double scale) {
+// weight += scale * up @ down, computed in float32 and stored in the weight's dtype. set_data: the
+// weight may be a view of a memory-mapped file, which is never written.
+void fold_into(torch::Tensor& weight, const torch::Tensor& down, const torch::Tensor& up,
+               double scale) {
+  torch::NoGradGuard no_grad;
   auto d = down.to(torch::kFloat32).flatten(1);  // [r, in * k * k]
   auto u = up.to(torch::kFloat32).flatten(1);    // [out, r]
-  return (u.matmul(d) * scale).view(weight_shape);
+  auto delta = (u.matmul(d) * scale).view(weight.sizes()).to(weight.device());
+  weight.set_data((weight.to(torch::kFloat32) + delta).to(weight.scalar_type()));
 }
 
 // Suffixes of the halves of a pair, by format.
@@ -127,10 +130,7 @@ void merge_lora(torch::nn::Module& module) {
   for (auto& layer : linear_and_conv_layers(module)) {
     auto& a = layer.adapter();
     if (!a) continue;
-    auto& w = layer.weight();
-    auto delta = lora_delta(a->down, a->up, w.sizes().vec(), a->scale);
-    // set_data: the weight may be a view of a memory-mapped file; never write into it.
-    w.set_data((w.to(torch::kFloat32) + delta.to(w.device())).to(w.scalar_type()));
+    fold_into(layer.weight(), a->down, a->up, a->scale);
     a.reset();
   }
 }
@@ -276,12 +276,9 @@ LoRAApplyReport apply_lora(const LoRAFile& file, const std::vector<LoRATarget>& 
         file.path, report.unmatched.size(), file.modules.size(), fmt::join(few, ", "),
         report.unmatched.size() > few.size() ? ", ..." : "");
   }
-  torch::NoGradGuard no_grad;
   for (auto& [layer, m] : plan) {
-    auto& w = layer.weight();
     const double scale = multiplier * m->alpha.value_or(static_cast<double>(m->rank())) / m->rank();
-    auto delta = lora_delta(m->down, m->up, w.sizes().vec(), scale);
-    w.set_data((w.to(torch::kFloat32) + delta.to(w.device())).to(w.scalar_type()));
+    fold_into(layer.weight(), m->down, m->up, scale);
     ++report.applied;
   }
   return report;

@@ -193,11 +193,7 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
         "another directory",
         out.string());
   fs::create_directories(out / "samples");
-  {  // Keep the recipe beside the results.
-    std::ifstream in(recipe.file, std::ios::binary);
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!text.empty()) io::write_file_atomic((out / "recipe.toml").string(), text);
-  }
+  keep_recipe_copy(recipe.file, out.string());  // the recipe beside the results
 
   // Data and captions.
   auto dataset = data::load_fashion_mnist(data::Split::kTrain, recipe.data_dir);
@@ -270,23 +266,12 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
     auto state = io::read_json_file((checkpoint_dir / "state.json").string());
     start_step = state.at("step").get<int64_t>();
     elapsed_before = state.value("elapsed_s", 0.0);
-    io::LoadOptions load;
-    auto load_into = [&](torch::nn::Module& module, const std::string& file) {
-      io::WeightFiles weights({(checkpoint_dir / file).string()});
-      io::load_weights(module, weights, load, (checkpoint_dir / file).string());
-    };
-    {
-      torch::NoGradGuard no_grad;
-      load_into(*unet, "unet.safetensors");
-      load_into(*text_encoder, "text_encoder.safetensors");
-      load_into(*ema_unet, "ema_unet.safetensors");
-      load_into(*ema_text, "ema_text_encoder.safetensors");
-      // load_weights may have replaced parameters with views of the file: train on copies.
-      for (auto* m : std::vector<torch::nn::Module*>{unet.get(), text_encoder.get(), ema_unet.get(),
-                                                     ema_text.get()})
-        for (auto& p : m->parameters(true))
-          p.set_data(p.data().clone());
-    }
+    for (auto [module, file] : std::vector<std::pair<torch::nn::Module*, const char*>>{
+             {unet.get(), "unet.safetensors"},
+             {text_encoder.get(), "text_encoder.safetensors"},
+             {ema_unet.get(), "ema_unet.safetensors"},
+             {ema_text.get(), "ema_text_encoder.safetensors"}})
+      load_trainable_weights(*module, (checkpoint_dir / file).string());
     params = named_params(*unet, "unet.");
     for (auto& p : named_params(*text_encoder, "text_encoder."))
       params.push_back(p);
@@ -296,17 +281,8 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
     optimizer.param_groups()[0].params() = param_list;
     restore_adam_state(optimizer, params, (checkpoint_dir / "optimizer.safetensors").string(),
                        start_step, /*adamw=*/true);
-    // Metrics after the checkpoint belong to the interrupted run: drop them.
-    std::ifstream in(metrics_path);
-    std::string line, kept;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() > start_step)
-        continue;
-      kept += line + "\n";
-      history.push_back({j["step"].get<int64_t>(), j["loss"].get<double>()});
-    }
-    io::write_file_atomic(metrics_path.string(), kept);
+    for (const auto& j : truncate_metrics(metrics_path.string(), start_step))
+      history.push_back({j["step"].get<int64_t>(), j.value("loss", 0.0)});
     spdlog::info("train: resuming {} at step {}", out.string(), start_step);
   }
   if (start_step >= total_steps)

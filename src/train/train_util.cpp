@@ -1,6 +1,8 @@
 #include "train/train_util.h"
 
 #include <array>
+#include <fstream>
+#include <iterator>
 #include <random>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -11,6 +13,7 @@
 #include "io/json_config.h"
 #include "io/plot.h"
 #include "io/safetensors.h"
+#include "io/state_dict.h"
 
 namespace lightning::train {
 
@@ -107,6 +110,34 @@ void restore_adam_state(torch::optim::Optimizer& optimizer,
     else
       put_state<torch::optim::AdamParamState>(optimizer, p, step, m, v);
   }
+}
+
+void keep_recipe_copy(const std::string& recipe_file, const std::string& out_dir) {
+  std::ifstream in(recipe_file, std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!text.empty()) io::write_file_atomic(out_dir + "/recipe.toml", text);
+}
+
+std::vector<nlohmann::json> truncate_metrics(const std::string& path, int64_t step) {
+  std::vector<nlohmann::json> lines;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() > step) continue;
+    kept += line + "\n";
+    lines.push_back(std::move(j));
+  }
+  io::write_file_atomic(path, kept);
+  return lines;
+}
+
+void load_trainable_weights(torch::nn::Module& module, const std::string& file) {
+  torch::NoGradGuard no_grad;
+  io::WeightFiles weights({file});
+  io::load_weights(module, weights, io::LoadOptions{}, file);
+  for (auto& p : module.parameters(true))
+    p.set_data(p.data().clone());
 }
 
 void write_curves_png(const std::vector<Curve>& curves, const std::string& path,

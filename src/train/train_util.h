@@ -54,6 +54,17 @@ void restore_adam_state(torch::optim::Optimizer& optimizer,
                         const std::vector<std::pair<std::string, torch::Tensor>>& params,
                         const std::string& file, int64_t step, bool adamw);
 
+// Copies the recipe file into the run directory as recipe.toml (atomically).
+void keep_recipe_copy(const std::string& recipe_file, const std::string& out_dir);
+
+// Resuming: drops the lines of a metrics.jsonl written after `step` (they belong to the
+// interrupted run), rewrites the file atomically and returns the kept lines parsed.
+std::vector<nlohmann::json> truncate_metrics(const std::string& path, int64_t step);
+
+// Loads a checkpoint's safetensors file into `module` strictly and gives every parameter its own
+// storage (load_weights may leave views of the memory-mapped file): ready to train.
+void load_trainable_weights(torch::nn::Module& module, const std::string& file);
+
 // A metric curve for a plot: (step, value) points.
 struct Curve {
   std::string name;
