@@ -81,6 +81,16 @@ torch::Tensor clip_text_inputs(const std::map<std::string, torch::Tensor>& named
   return named.at("input_ids").to(device);
 }
 
+// The single named input of a VAE forward ('latent' or 'image').
+torch::Tensor single_input(const std::map<std::string, torch::Tensor>& named,
+                           const std::string& name, const std::string& file,
+                           const torch::Device& device) {
+  for (const auto& item : named)
+    if (item.first != name) fail("{}: unknown input '{}' (expected {})", file, item.first, name);
+  if (!named.count(name)) fail("{}: missing input '{}'", file, name);
+  return named.at(name).to(device, torch::kFloat32);
+}
+
 void run_forward(const ForwardArgs& args) {
   set_threads(args.threads);
   const auto device = parse_device(args.device);
@@ -100,9 +110,19 @@ void run_forward(const ForwardArgs& args) {
     outputs.emplace_back("penultimate_hidden_state", out.penultimate_hidden_state);
     outputs.emplace_back("pooler_output", out.pooler_output);
     if (out.text_embeds.defined()) outputs.emplace_back("text_embeds", out.text_embeds);
+  } else if (args.kind == "vae-decode") {
+    auto vae = models::load_vae(args.model, {dtype, device, ""});
+    outputs.emplace_back("out", vae->decode(single_input(named, "latent", args.inputs, device)));
+  } else if (args.kind == "vae-encode") {
+    auto vae = models::load_vae(args.model, {dtype, device, ""});
+    auto dist = vae->encode(single_input(named, "image", args.inputs, device));
+    outputs.emplace_back("mean", dist.mean);
+    outputs.emplace_back("logvar", dist.logvar);
   } else {
-    fail_usage("forward: model kind '{}' is not available yet (supported: unet, clip-text)",
-               args.kind);
+    fail_usage(
+        "forward: model kind '{}' is not available yet (supported: unet, clip-text, "
+        "vae-decode, vae-encode)",
+        args.kind);
   }
   for (auto& item : outputs)
     item.second = item.second.to(torch::kCPU, torch::kFloat32).contiguous();
@@ -116,11 +136,13 @@ void add_forward_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "forward",
       "Run one forward pass of a diffusers-layout model on named inputs (parity checks).\n"
-      "Outputs: unet 'out'; clip-text 'last_hidden_state', 'penultimate_hidden_state', "
+      "Inputs/outputs: unet 'out'; vae-decode 'latent' (divided by scaling_factor) -> 'out'; "
+      "vae-encode 'image' in [-1, 1] -> 'mean', 'logvar'; clip-text 'last_hidden_state', "
+      "'penultimate_hidden_state', "
       "'pooler_output' and, with a projection, 'text_embeds'.\n"
       "Example: lightning forward unet --model models/tiny-unet --inputs in.safetensors "
       "--out out.safetensors");
-  cmd->add_option("kind", args->kind, "Model kind: unet, clip-text")
+  cmd->add_option("kind", args->kind, "Model kind: unet, vae-decode, vae-encode, clip-text")
       ->required()
       ->check(CLI::IsMember({"unet", "vae-decode", "vae-encode", "clip-text", "controlnet"}));
   cmd->add_option("--model", args->model, "Model directory (config.json + *.safetensors)")

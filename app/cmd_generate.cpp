@@ -39,6 +39,9 @@ struct GenerateArgs {
   int threads = 0;
   std::vector<std::string> loras;
   bool lora_allow_partial = false;
+  std::string preset, unet, config;
+  bool vae_tiling = false;
+  int64_t vae_tile_size = 512;
 };
 
 // Refuses an output location that cannot be written before any work is done.
@@ -71,8 +74,17 @@ void run_generate(const GenerateArgs& a) {
   models::ModelLoadOptions load;
   load.device = device;
   load.dtype = parse_dtype(a.dtype, device);
-  const auto dir = generate::resolve_model_dir(a.model, shipped_models_root());
-  auto model = generate::load_model(dir, load);
+  if (!a.unet.empty() && !fs::is_regular_file(a.unet))
+    fail_usage("--unet {}: no such file", a.unet);
+  generate::TextToImageModel model;
+  if (fs::is_regular_file(a.model)) {
+    if (!a.unet.empty()) fail_usage("--unet: not with a single-file --model (it has its own UNet)");
+    model = generate::load_single_file(a.model, load, {a.config, shipped_vocab()});
+  } else {
+    if (!a.config.empty()) fail_usage("--config: only for a single-file --model FILE.safetensors");
+    const auto dir = generate::resolve_model_dir(a.model, shipped_models_root());
+    model = generate::load_model(dir, load, {a.unet});
+  }
   generate::apply_loras(model, loras, a.lora_allow_partial);
 
   generate::GenerateRequest req;
@@ -88,7 +100,16 @@ void run_generate(const GenerateArgs& a) {
   req.seed = a.seed ? *a.seed : (std::random_device{}() & 0xFFFFFFFFu);
   req.height = a.height;
   req.width = a.width;
+  if (a.vae_tiling)
+    req.vae_tiling =
+        models::VAETiling{a.vae_tile_size, std::max<int64_t>(8, a.vae_tile_size / 64 * 8)};
+  if (!a.preset.empty()) generate::apply_preset(a.preset, req);
   const auto resolved = generate::resolve_request(model, req);
+  std::vector<std::string> names;
+  for (const auto& l : loras)
+    names.push_back(fs::path(l.path).filename().string());
+  for (const auto& w : generate::checkpoint_name_warnings(model, names, resolved))
+    spdlog::warn("{}", w);
   if (!a.seed) spdlog::info("generate: seed {}", resolved.seed);
 
   std::unique_ptr<ProgressBar> bar;
@@ -135,7 +156,25 @@ void add_generate_command(CLI::App& app) {
       "          lightning generate --model fmnist-teacher --prompt \"an ankle boot\" --steps 8 "
       "--sampler ddim --seed 7 --batch 16 --out grid.png\n"
       "          lightning generate --prompt \"a bag\" --batch 4 --seed 1 --out-dir out/");
-  cmd->add_option("--model", args->model, "Model directory or shipped model name (models/<name>)")
+  cmd->add_option("--model", args->model,
+                  "Model directory (diffusers layout), shipped model name (models/<name>) or "
+                  "single-file checkpoint (.safetensors, SDXL or SD 1.x original layout)")
+      ->capture_default_str();
+  cmd->add_option("--unet", args->unet,
+                  "UNet weights replacing the model's (e.g. sdxl_lightning_4step_unet.safetensors; "
+                  "diffusers or original layout)");
+  cmd->add_option("--config", args->config,
+                  "For a single-file --model: a diffusers pipeline directory whose configs, "
+                  "tokenizers and scheduler to use (default: built-in SDXL base / SD 1.5)");
+  cmd->add_option("--preset", args->preset,
+                  "SDXL-Lightning sampling settings: lightning-1step|2step|4step|8step (Euler, "
+                  "trailing, no CFG; x0 prediction for 1 step); explicit flags override them")
+      ->check(CLI::IsMember(generate::kPresetNames));
+  cmd->add_flag("--vae-tiling", args->vae_tiling,
+                "Decode the latents tile by tile (memory bounded by the tile size)");
+  cmd->add_option("--vae-tile-size", args->vae_tile_size,
+                  "Tile size in pixels for --vae-tiling (overlap: 1/8 of it)")
+      ->check(CLI::Range(int64_t{64}, int64_t{4096}))
       ->capture_default_str();
   cmd->add_option("--prompt", args->prompt, "The text prompt (\"\" = unconditional)")->required();
   cmd->add_option("--negative-prompt", args->negative_prompt,

@@ -1,15 +1,19 @@
-// Text-to-image generation with a pixel-space model directory: CLIP tokenizer + text encoder,
-// UNet2DConditionModel, a scheduler config and the model's recommended settings.
+// Text-to-image generation with a diffusers-style model directory: pixel-space models (the
+// shipped models/fmnist-*), Stable Diffusion 1.x-style latent models (a VAE and one text
+// encoder) and SDXL (a VAE and two text encoders).
 //
-// Directory layout (diffusers-style; the shipped models/fmnist-* use it):
+// Directory layout (diffusers; the shipped models/fmnist-* use it too):
 //   model_index.json                 component names -> [library, class], as diffusers writes it
-//   unet/config.json, unet/diffusion_pytorch_model.safetensors
-//   text_encoder/config.json, text_encoder/model.safetensors
+//   unet/config.json, unet/diffusion_pytorch_model[.fp16].safetensors
+//   text_encoder/config.json, text_encoder/model[.fp16].safetensors
 //   tokenizer/vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+//   text_encoder_2/, tokenizer_2/    SDXL only (CLIPTextModelWithProjection, pads with "!")
+//   vae/config.json, vae/diffusion_pytorch_model[.fp16].safetensors   latent models only
 //   scheduler/scheduler_config.json
 //   lightning.json                   recommended steps / guidance / sampler (optional)
-// The UNet is conditioned SD-1.x style: cross-attention to the text encoder's last hidden state.
-// Models with a VAE (latent space) are the SDXL pipeline's job and are refused here by name.
+// Conditioning: with one text encoder the UNet cross-attends to its last hidden state (SD 1.x);
+// with two (SDXL) to both penultimate hidden states concatenated, with the second encoder's
+// projected pooled output and the six size/crop time ids as added embeddings.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +31,7 @@
 #include "models/clip_text.h"
 #include "models/model_loader.h"
 #include "models/unet.h"
+#include "models/vae.h"
 #include "text/clip_tokenizer.h"
 
 namespace lightning::generate {
@@ -46,14 +51,33 @@ struct TextToImageModel {
   models::CLIPTextModel text_encoder{nullptr};
   std::shared_ptr<const text::CLIPTokenizer> tokenizer;
   int64_t pad_id = -1;  // the tokenizer's pad token (its end-of-text id unless configured)
+  // SDXL's second text encoder (with projection) and its tokenizer; null otherwise.
+  models::CLIPTextModel text_encoder_2{nullptr};
+  std::shared_ptr<const text::CLIPTokenizer> tokenizer_2;
+  int64_t pad_id_2 = -1;
+  models::AutoencoderKL vae{nullptr};  // latent-space models; null for pixel-space ones
+  // SDXL (model_index.json): with no negative prompt, the unconditional embeddings are zeros.
+  bool force_zeros_for_empty_prompt = false;
   diffusion::SchedulerConfig scheduler;
   Recommended recommended;
   std::string name;                // directory name, for metadata
   std::vector<std::string> loras;  // applied LoRA files as "file-name:scale", for metadata
+  std::string unet_file;           // a --unet replacement, for metadata
 
-  int64_t sample_size() const;    // the UNet's sample_size (image height and width)
+  bool is_sdxl() const { return !text_encoder_2.is_empty(); }
+  bool is_latent() const { return !vae.is_empty(); }
+  int64_t vae_scale() const { return is_latent() ? vae->config.downscale() : 1; }
+  int64_t sample_size() const;    // default image height and width in pixels
   int64_t size_multiple() const;  // height and width must be multiples of this
-  int64_t image_channels() const { return unet->config.in_channels; }
+  int64_t image_channels() const;
+  int64_t latent_channels() const { return unet->config.in_channels; }
+};
+
+// What to load instead of the directory's own components.
+struct ModelOverrides {
+  // A UNet weights file in diffusers layout or an original (single-file) layout, e.g.
+  // sdxl_lightning_4step_unet.safetensors; the directory's unet/config.json gives the shape.
+  std::string unet_file;
 };
 
 // DIR if it is a directory, else a shipped model's name looked up in `models_root`
@@ -62,12 +86,27 @@ std::string resolve_model_dir(const std::string& dir_or_name, const std::string&
 // Names of the models under `models_root` (directories with a model_index.json).
 std::vector<std::string> shipped_model_names(const std::string& models_root);
 
-// Loads every component of `dir` (see the layout above); errors name the missing file.
-TextToImageModel load_model(const std::string& dir, const models::ModelLoadOptions& options);
+// Loads every component of `dir` (see the layout above); errors name the missing file or
+// component. A VAE is loaded in f32 when `options.dtype` is f16 and its config says
+// force_upcast (SDXL's VAE overflows in f16).
+TextToImageModel load_model(const std::string& dir, const models::ModelLoadOptions& options,
+                            const ModelOverrides& overrides = {});
 // Writes the model directory atomically: into a temporary sibling, then renamed over `dir`
 // (an existing directory is replaced only once the new one is complete).
 void save_model(const TextToImageModel& model, const std::string& dir,
                 c10::optional<torch::ScalarType> weights_dtype = c10::nullopt);
+
+// A single-file checkpoint (`generate --model FILE.safetensors`): the UNet, VAE and text
+// encoders from their original-layout keys (models/checkpoint_formats.h). Configs, tokenizers
+// and scheduler come from `config_dir` (a diffusers pipeline directory of the same
+// architecture, e.g. for a fine-tune with other shapes) or, when it is empty, are the built-in
+// SDXL base 1.0 / SD 1.5 ones with the CLIP vocabulary at `vocab_path`.
+struct SingleFileOptions {
+  std::string config_dir;
+  std::string vocab_path;
+};
+TextToImageModel load_single_file(const std::string& file, const models::ModelLoadOptions& options,
+                                  const SingleFileOptions& single_file);
 
 // A LoRA to merge into a loaded model: `--lora FILE[:SCALE]`.
 struct LoRASpec {
@@ -89,9 +128,26 @@ void apply_loras(TextToImageModel& model, const std::vector<LoRASpec>& loras, bo
 torch::Tensor tokenize_prompts(const TextToImageModel& model,
                                const std::vector<std::string>& prompts,
                                bool warn_truncation = true);
-// The UNet's encoder_hidden_states for the prompts: [B, T, hidden].
+// The UNet's text conditioning for a batch of prompts.
+struct PromptEmbeds {
+  torch::Tensor context;  // encoder_hidden_states [B, T, cross_attention_dim]
+  torch::Tensor pooled;   // SDXL: text_embeds [B, projection_dim]; undefined otherwise
+};
+PromptEmbeds encode_conditioning(const TextToImageModel& model,
+                                 const std::vector<std::string>& prompts,
+                                 bool warn_truncation = true);
+// The unconditional branch of classifier-free guidance: the negative prompt's embeddings, or
+// zeros for an SDXL model when the negative prompt is empty and force_zeros_for_empty_prompt.
+PromptEmbeds encode_negative(const TextToImageModel& model, const std::string& negative_prompt);
+// encode_conditioning(...).context.
 torch::Tensor encode_prompts(const TextToImageModel& model, const std::vector<std::string>& prompts,
                              bool warn_truncation = true);
+
+// Latents (the UNet's space) -> pixels [B, C, H, W] in float32, nominally in [-1, 1]: undoes the
+// VAE's scaling and decodes, tile by tile when `tiling` is given. A non-finite f16 decode is
+// retried in f32 with a warning (SDXL's VAE overflows in f16).
+torch::Tensor decode_latents(const TextToImageModel& model, const torch::Tensor& latents,
+                             const std::optional<models::VAETiling>& tiling = std::nullopt);
 
 struct GenerateRequest {
   std::vector<std::string> prompts;  // one per image
@@ -101,15 +157,27 @@ struct GenerateRequest {
   std::optional<diffusion::SamplerKind> sampler;
   std::optional<diffusion::TimestepSpacing> timestep_spacing;  // override of the scheduler's
   std::optional<diffusion::PredictionType> prediction_type;    // override of the scheduler's
-  uint64_t seed = 0;              // image i starts from the noise of seed + i
-  int64_t height = 0, width = 0;  // 0: the model's sample_size
-  int64_t max_batch = 64;         // images per UNet call (CFG doubles it)
+  uint64_t seed = 0;                            // image i starts from the noise of seed + i
+  int64_t height = 0, width = 0;                // 0: the model's sample_size
+  int64_t max_batch = 64;                       // images per UNet call (CFG doubles it)
+  std::optional<models::VAETiling> vae_tiling;  // latent models: decode tile by tile
 };
 
 // The request with every default filled in from the model, checked: steps >= 1 and <= the
 // schedule's length, guidance >= 0 and finite, height/width positive multiples of
 // size_multiple(). Throws UsageError naming the flag.
 GenerateRequest resolve_request(const TextToImageModel& model, GenerateRequest request);
+// `--preset lightning-1step|2step|4step|8step`: SDXL-Lightning's sampling settings (Euler,
+// trailing spacing, N steps, no CFG; sample (x0) prediction for the 1-step UNet), filled into the
+// fields the request leaves unset. Throws UsageError naming an unknown preset.
+void apply_preset(const std::string& preset, GenerateRequest& request);
+extern const std::vector<std::string> kPresetNames;
+// Warnings for settings that do not fit the checkpoints' names: "Nstep" in the model, --unet or
+// LoRA file name but another step count; "x0" but not sample prediction.
+std::vector<std::string> checkpoint_name_warnings(const TextToImageModel& model,
+                                                  const std::vector<std::string>& file_names,
+                                                  const GenerateRequest& resolved);
+
 // The scheduler config actually used (overrides applied).
 diffusion::SchedulerConfig effective_scheduler(const TextToImageModel& model,
                                                const GenerateRequest& resolved);
@@ -119,9 +187,11 @@ diffusion::SchedulerConfig effective_scheduler(const TextToImageModel& model,
 torch::Tensor initial_noise(uint64_t seed, int64_t channels, int64_t height, int64_t width);
 
 // Generates one image per prompt: [B, C, H, W] float32 pixels, nominally in [-1, 1].
-// `on_step(done, total)` is called after each model evaluation batch.
+// `on_step(done, total)` is called after each model evaluation batch. With `latents_out` the
+// final latents (before VAE decoding) are stored there too.
 torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& request,
-                       const std::function<void(int64_t, int64_t)>& on_step = {});
+                       const std::function<void(int64_t, int64_t)>& on_step = {},
+                       torch::Tensor* latents_out = nullptr);
 
 // A1111-style "parameters" text of image i (prompt, negative prompt, then "Steps: .., Sampler:
 // .., CFG scale: .., Seed: .., Size: WxH, Model: .., ..."), enough to reproduce it.

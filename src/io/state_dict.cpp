@@ -40,6 +40,10 @@ std::vector<std::string> WeightFiles::keys() const {
   return out;
 }
 
+std::vector<int64_t> WeightFiles::shape(const std::string& name) const {
+  return entry(name).shape;
+}
+
 const TensorEntry& WeightFiles::entry(const std::string& name) const {
   return files_.at(index_.at(name))->entry(name);
 }
@@ -68,22 +72,24 @@ std::map<std::string, torch::Tensor> module_tensors(const torch::nn::Module& mod
   return out;
 }
 
-void load_weights(torch::nn::Module& module, const WeightFiles& weights, const LoadOptions& options,
-                  const std::string& what) {
-  auto targets = module_tensors(module);
+void check_weights(const torch::nn::Module& module, const WeightSource& weights,
+                   const std::string& what) {
+  const auto targets = module_tensors(module);
   std::vector<std::string> missing, unexpected, misshaped;
   for (const auto& [name, tensor] : targets) {
     if (!weights.contains(name)) {
       missing.push_back(name);
       continue;
     }
-    const auto& e = weights.entry(name);
-    if (c10::IntArrayRef(e.shape) != tensor.sizes())
-      misshaped.push_back(fmt::format("{} (file {} vs model {})", name, shape_str(e.shape),
+    const auto shape = weights.shape(name);
+    if (c10::IntArrayRef(shape) != tensor.sizes())
+      misshaped.push_back(fmt::format("{} (file {} vs model {})", name, shape_str(shape),
                                       shape_str(tensor.sizes())));
   }
   for (const auto& name : weights.keys())
     if (!targets.count(name)) unexpected.push_back(name);
+  for (const auto& name : weights.unused())
+    unexpected.push_back(name);
   if (!missing.empty() || !unexpected.empty() || !misshaped.empty()) {
     std::vector<std::string> parts;
     if (!missing.empty())
@@ -95,6 +101,12 @@ void load_weights(torch::nn::Module& module, const WeightFiles& weights, const L
     fail("{}: weights in {} do not fit the config: {}", what, weights.describe(),
          fmt::format("{}", fmt::join(parts, "; ")));
   }
+}
+
+void load_weights(torch::nn::Module& module, const WeightSource& weights,
+                  const LoadOptions& options, const std::string& what) {
+  check_weights(module, weights, what);
+  auto targets = module_tensors(module);
 
   torch::NoGradGuard no_grad;
   for (auto& [name, tensor] : targets) {

@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "io/json_config.h"
+#include "models/checkpoint_formats.h"
 #include "nn/layers.h"
 
 namespace lightning::models {
@@ -64,6 +65,17 @@ UNet2DConditionModel load_unet(const std::string& dir_in, const ModelLoadOptions
   return unet;
 }
 
+UNet2DConditionModel load_unet_file(const std::string& config_dir, const std::string& file,
+                                    const ModelLoadOptions& options) {
+  const auto dir = resolve_component_dir(config_dir, "unet");
+  const auto config_path = (fs::path(dir) / "config.json").string();
+  const auto config = UNetConfig::from_json(io::read_json_file(config_path), config_path);
+  auto unet = make_unet_uninitialised(config);
+  load_unet_weights(*unet, file, {options.dtype, options.device});
+  unet->eval();
+  return unet;
+}
+
 void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
                c10::optional<torch::ScalarType> dtype) {
   fs::create_directories(dir);
@@ -96,6 +108,29 @@ CLIPTextModel load_clip_text(const std::string& dir_in, const ModelLoadOptions& 
   io::load_weights(*model, weights, {options.dtype, options.device}, dir);
   model->eval();
   return model;
+}
+
+AutoencoderKL make_vae_uninitialised(const VAEConfig& config) {
+  nn::SkipInitGuard skip_init;
+  return AutoencoderKL(config);
+}
+
+AutoencoderKL load_vae(const std::string& dir_in, const ModelLoadOptions& options) {
+  const auto dir = resolve_component_dir(dir_in, "vae");
+  const auto config_path = (fs::path(dir) / "config.json").string();
+  const auto config = VAEConfig::from_json(io::read_json_file(config_path), config_path);
+  auto vae = make_vae_uninitialised(config);
+  io::WeightFiles weights(find_weight_files(dir, "diffusion_pytorch_model", options.variant));
+  io::load_weights(*vae, weights, {options.dtype, options.device}, dir);
+  vae->eval();
+  return vae;
+}
+
+void save_vae(const AutoencoderKL& vae, const std::string& dir,
+              c10::optional<torch::ScalarType> dtype) {
+  fs::create_directories(dir);
+  io::write_json_file((fs::path(dir) / "config.json").string(), vae->config.to_json());
+  io::save_weights(*vae, (fs::path(dir) / "diffusion_pytorch_model.safetensors").string(), dtype);
 }
 
 }  // namespace lightning::models

@@ -11,6 +11,7 @@
 #include "io/state_dict.h"
 #include "models/clip_text.h"
 #include "models/unet.h"
+#include "models/vae.h"
 
 namespace lightning::models {
 
@@ -32,6 +33,12 @@ std::string resolve_component_dir(const std::string& dir, const std::string& com
 // Builds the UNet from DIR/config.json and loads its weights strictly.
 UNet2DConditionModel load_unet(const std::string& dir, const ModelLoadOptions& options);
 
+// Builds the UNet from CONFIG_DIR/config.json (or CONFIG_DIR/unet/config.json) and loads its
+// weights from one safetensors FILE instead of the directory's own (`generate --unet`): a
+// diffusers UNet, an original-layout UNet or the UNet part of a single-file checkpoint.
+UNet2DConditionModel load_unet_file(const std::string& config_dir, const std::string& file,
+                                    const ModelLoadOptions& options);
+
 // Builds a UNet without initialising its parameters, ready for load_weights.
 UNet2DConditionModel make_unet_uninitialised(const UNetConfig& config);
 
@@ -51,5 +58,12 @@ void save_clip_text(const CLIPTextModel& model, const std::string& dir,
                     c10::optional<torch::ScalarType> dtype = c10::nullopt);
 // Builds a CLIP text encoder without initialising its parameters, ready for load_weights.
 CLIPTextModel make_clip_text_uninitialised(const CLIPTextConfig& config);
+
+// Builds an AutoencoderKL from DIR/config.json (or DIR/vae/config.json) and loads
+// DIR/diffusion_pytorch_model[.<variant>].safetensors strictly.
+AutoencoderKL load_vae(const std::string& dir, const ModelLoadOptions& options);
+AutoencoderKL make_vae_uninitialised(const VAEConfig& config);
+void save_vae(const AutoencoderKL& vae, const std::string& dir,
+              c10::optional<torch::ScalarType> dtype = c10::nullopt);
 
 }  // namespace lightning::models

@@ -547,7 +547,10 @@ CLIPTokenizer CLIPTokenizer::restricted_to(const std::vector<std::string>& texts
   return CLIPTokenizer(std::move(vocab), std::move(merges), "restricted vocabulary");
 }
 
-void CLIPTokenizer::save(const std::string& dir) const {
+void CLIPTokenizer::save(const std::string& dir, int64_t pad_id) const {
+  std::string pad_token = kEndOfText;
+  for (const auto& [token, id] : encoder_)
+    if (id == pad_id) pad_token = token;
   std::filesystem::create_directories(dir);
   nlohmann::json vocab = nlohmann::json::object();
   for (const auto& [token, id] : encoder_)
@@ -560,7 +563,7 @@ void CLIPTokenizer::save(const std::string& dir) const {
   nlohmann::json special = {{"bos_token", kStartOfText},
                             {"eos_token", kEndOfText},
                             {"unk_token", kEndOfText},
-                            {"pad_token", kEndOfText}};
+                            {"pad_token", pad_token}};
   io::write_json_file(dir + "/special_tokens_map.json", special);
   nlohmann::json config = special;
   config["tokenizer_class"] = "CLIPTokenizer";

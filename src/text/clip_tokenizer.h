@@ -66,9 +66,9 @@ class CLIPTokenizer {
   // 49,408.
   CLIPTokenizer restricted_to(const std::vector<std::string>& texts) const;
   // Writes transformers' tokenizer directory: vocab.json, merges.txt, tokenizer_config.json
-  // and special_tokens_map.json (pad token "<|endoftext|>", model_max_length 77). Files are
-  // written atomically.
-  void save(const std::string& dir) const;
+  // and special_tokens_map.json (model_max_length 77). The pad token is the entry of `pad_id`
+  // (SDXL's second tokenizer: "!"), end-of-text when -1. Files are written atomically.
+  void save(const std::string& dir, int64_t pad_id = -1) const;
   // Id of a vocabulary entry (e.g. "!" or "cat</w>"); -1 when absent.
   int64_t token_to_id(const std::string& token) const;
   const std::unordered_map<std::string, int64_t>& vocab() const { return encoder_; }
