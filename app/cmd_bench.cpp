@@ -27,7 +27,8 @@ void add_bench_command(CLI::App& app) {
       "Examples: lightning bench                       (tiny SDXL-shaped UNet, seconds)\n"
       "          lightning bench --unet sdxl --latent 64,128 --dtype f32,bf16 --repeat 1\n"
       "          lightning bench --unet sdxl --save-random /tmp/sdxl-f16 --weights-dtype f16\n"
-      "          lightning bench --model /tmp/sdxl-f16 --dtype f32 --latent 32");
+      "          lightning bench --model /tmp/sdxl-f16 --dtype f32 --latent 32\n"
+      "          lightning bench --vae sdxl --image 512,1024 --dtype f32 [--vae-tile 512]");
   auto& o = args->options;
   cmd->add_option("--unet", o.presets, "UNet presets: tiny-sdxl, tiny-sd15, sd15, sdxl")
       ->delimiter(',')
@@ -51,6 +52,15 @@ void add_bench_command(CLI::App& app) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_flag("!--no-gemm", o.gemm, "Skip the GEMM peak reference");
+  cmd->add_option("--vae", o.vae_presets,
+                  "Benchmark VAE decodes instead of UNet forwards: sdxl, tiny")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"sdxl", "tiny"}));
+  cmd->add_option("--image", o.images, "VAE bench image sizes (default 512,1024 for sdxl)")
+      ->delimiter(',')
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--vae-tile", o.vae_tile, "VAE bench: decode in tiles of this many pixels")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--device", o.device, "cpu or cuda")->capture_default_str();
   cmd->add_option("--model", o.model_dir,
                   "Benchmark this model directory (load time and RSS, then forwards)");
@@ -77,8 +87,9 @@ void add_bench_command(CLI::App& app) {
       spdlog::info("wrote {}", args->save_random);
       return;
     }
-    auto rows = bench::run_unet_bench(args->options,
-                                      [](const std::string& line) { spdlog::info("{}", line); });
+    const auto progress = [](const std::string& line) { spdlog::info("{}", line); };
+    auto rows = args->options.vae_presets.empty() ? bench::run_unet_bench(args->options, progress)
+                                                  : bench::run_vae_bench(args->options, progress);
     std::fputs(bench::format_bench_table(rows).c_str(), stdout);
   });
 }

@@ -187,6 +187,65 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
   return rows;
 }
 
+std::vector<BenchRow> run_vae_bench(const UNetBenchOptions& options,
+                                    const std::function<void(const std::string&)>& progress) {
+  const torch::Device device(options.device);
+  std::vector<BenchRow> rows;
+  torch::NoGradGuard no_grad;
+  for (const auto& preset : options.vae_presets) {
+    if (preset != "sdxl" && preset != "tiny")
+      fail_usage("bench: unknown VAE preset '{}' (known: sdxl, tiny)", preset);
+    const auto config = preset == "sdxl" ? models::VAEConfig::sdxl() : models::VAEConfig::tiny();
+    auto images = options.images;
+    if (images.empty())
+      images = preset == "sdxl" ? std::vector<int64_t>{512, 1024} : std::vector<int64_t>{64};
+    for (const auto& dt : options.dtypes) {
+      const auto dtype = dtype_of(dt);
+      auto vae = models::make_vae_uninitialised(config);
+      randomise(*vae, dtype, device);
+      vae->eval();
+      double params = 0;
+      for (const auto& p : vae->decoder->parameters())
+        params += p.numel();
+      for (const auto size : images) {
+        const int64_t f = config.downscale();
+        if (size % f != 0) fail_usage("bench: image size {} is not a multiple of {}", size, f);
+        reset_peak_rss();
+        auto latent = torch::randn({options.batch, config.latent_channels, size / f, size / f},
+                                   torch::TensorOptions().dtype(dtype).device(device));
+        const models::VAETiling tiling{options.vae_tile,
+                                       std::max<int64_t>(f, options.vae_tile / 8 / f * f)};
+        nn::flops::reset();
+        nn::flops::enable(true);
+        std::vector<double> times;
+        for (int i = 0; i < options.warmup + options.repeat; ++i) {
+          const auto start = Clock::now();
+          auto out = options.vae_tile > 0 ? vae->decode_tiled(latent, tiling) : vae->decode(latent);
+          if (device.is_cuda()) torch::cuda::synchronize();
+          if (i >= options.warmup) times.push_back(seconds_since(start));
+          if (i == 0) nn::flops::enable(false);
+        }
+        BenchRow row;
+        row.what = fmt::format("vae-decode {} {}x{} batch {}{}", preset, size, size, options.batch,
+                               options.vae_tile > 0
+                                   ? fmt::format(" tiled {}/{}", tiling.tile, tiling.overlap)
+                                   : std::string());
+        row.dtype = dt;
+        row.seconds = median(times);
+        row.gflop = nn::flops::total() / 1e9;
+        row.gflops = row.gflop / row.seconds;
+        row.peak_rss_gb = peak_rss_bytes() / 1e9;
+        row.rss_gb = current_rss_bytes() / 1e9;
+        row.params_m = params / 1e6;
+        rows.push_back(row);
+        progress(fmt::format("{} {}: {:.3f} s, {:.1f} GFLOP/s, peak RSS {:.2f} GB", row.what, dt,
+                             row.seconds, row.gflops, row.peak_rss_gb));
+      }
+    }
+  }
+  return rows;
+}
+
 std::string format_bench_table(const std::vector<BenchRow>& rows) {
   std::string out =
       "| what | dtype | params (M) | seconds | GFLOP | GFLOP/s | RSS after (GB) | peak RSS (GB) |\n"

@@ -21,6 +21,11 @@ struct UNetBenchOptions {
   // Benchmark a model directory instead of random weights: the load itself becomes a row
   // (seconds, RSS after loading, peak RSS while loading), then the forwards.
   std::string model_dir;
+  // VAE decode benchmark instead of the UNet's: presets ("tiny", "sdxl"), image sizes (default
+  // 512,1024 for sdxl, 64 for tiny) and a tile size in pixels (0: untiled).
+  std::vector<std::string> vae_presets;
+  std::vector<int64_t> images;
+  int64_t vae_tile = 0;
 };
 
 // Writes a random-weight UNet of `preset` as a diffusers model directory with weights stored in
@@ -42,6 +47,11 @@ struct BenchRow {
 // Runs the benchmark; `progress` receives one line per finished measurement.
 std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
                                      const std::function<void(const std::string&)>& progress);
+
+// VAE decodes of random latents with random weights (options.vae_presets, images, vae_tile,
+// dtypes, warmup, repeat, device).
+std::vector<BenchRow> run_vae_bench(const UNetBenchOptions& options,
+                                    const std::function<void(const std::string&)>& progress);
 
 // A Markdown table of the rows.
 std::string format_bench_table(const std::vector<BenchRow>& rows);
