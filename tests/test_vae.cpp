@@ -183,21 +183,28 @@ TEST(VAELayout, SdxlKeysAndShapesMatchDiffusers) {
   }
 }
 
-TEST(VAETiling, TileStartsCoverTheSideWithTheOverlap) {
-  using models::tile_starts;
-  EXPECT_EQ(tile_starts(64, 64, 8, 1), (std::vector<int64_t>{0}));
-  EXPECT_EQ(tile_starts(30, 64, 8, 1), (std::vector<int64_t>{0}));
-  EXPECT_EQ(tile_starts(128, 64, 16, 1), (std::vector<int64_t>{0, 48, 64}));
-  EXPECT_EQ(tile_starts(112, 64, 16, 1), (std::vector<int64_t>{0, 48}));
-  // Aligned to the VAE factor: the last tile is flush with the end of a multiple of 8.
-  EXPECT_EQ(tile_starts(200, 64, 16, 8), (std::vector<int64_t>{0, 48, 96, 136}));
-  for (int64_t length : {65, 100, 129, 1000}) {
-    auto s = tile_starts(length, 64, 16, 1);
-    EXPECT_EQ(s.front(), 0);
-    EXPECT_EQ(s.back() + 64, length);
-    for (size_t i = 1; i < s.size(); ++i)
-      EXPECT_GE(s[i - 1] + 64 - s[i], 16) << length;
-  }
+TEST(VAETiling, FewestTilesCoverTheSideWithTheOverlap) {
+  using models::tile_span;
+  auto one = tile_span(64, 64, 8);
+  EXPECT_EQ(one.size, 64);
+  EXPECT_EQ(one.starts, (std::vector<int64_t>{0}));
+  EXPECT_EQ(tile_span(30, 64, 8).size, 30);
+  // SDXL 1024 px with 512-px tiles and 64 px overlap, in latents: three tiles of 48, not of 64.
+  auto sdxl = tile_span(128, 64, 8);
+  EXPECT_EQ(sdxl.size, 48);
+  EXPECT_EQ(sdxl.starts, (std::vector<int64_t>{0, 40, 80}));
+  for (int64_t length : {65, 100, 129, 1000})
+    for (int64_t overlap : {0, 4, 16}) {
+      auto s = tile_span(length, 64, overlap);
+      EXPECT_LE(s.size, 64);
+      EXPECT_EQ(s.starts.front(), 0);
+      EXPECT_EQ(s.starts.back() + s.size, length);
+      // No fewer tiles could do it.
+      const auto n = static_cast<int64_t>(s.starts.size());
+      EXPECT_LT((n - 1) * (64 - overlap) + overlap, length);
+      for (size_t i = 1; i < s.starts.size(); ++i)
+        EXPECT_GE(s.starts[i - 1] + s.size - s.starts[i], overlap) << length;
+    }
 }
 
 // The largest ratio, over columns, of the mean horizontal step |x[c+1] - x[c]| in `tiled` to the

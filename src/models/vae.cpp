@@ -391,32 +391,36 @@ torch::Tensor ramp(int64_t size, int64_t overlap_before, int64_t overlap_after) 
   return w;
 }
 
-// Runs `fn` on overlapping tiles of x [B, C, H, W]; tile outputs are `num / den` times the tile's
-// size and are blended into one output.
-torch::Tensor run_tiled(const torch::Tensor& x, int64_t tile, int64_t overlap, int64_t align,
-                        int64_t num, int64_t den,
+// Runs `fn` on overlapping tiles of x [B, C, H, W]. Tiles are laid out on the latent grid
+// (`rows`, `cols`); x has `in_scale` pixels per grid cell and the tile outputs `out_scale`; the
+// outputs are blended into one.
+torch::Tensor run_tiled(const torch::Tensor& x, const TileSpan& rows, const TileSpan& cols,
+                        int64_t in_scale, int64_t out_scale,
                         const std::function<torch::Tensor(const torch::Tensor&)>& fn) {
-  const auto ys = tile_starts(x.size(2), tile, overlap, align);
-  const auto xs = tile_starts(x.size(3), tile, overlap, align);
-  const int64_t th = std::min(tile, x.size(2)), tw = std::min(tile, x.size(3));
-  torch::Tensor acc, weight_sum;
-  auto weights = [&](const std::vector<int64_t>& starts, size_t k, int64_t t) {
-    const int64_t before = k > 0 ? (starts[k - 1] + t - starts[k]) * num / den : 0;
-    const int64_t after = k + 1 < starts.size() ? (starts[k] + t - starts[k + 1]) * num / den : 0;
-    return ramp(t * num / den, before, after);
+  auto weights = [&](const TileSpan& span, size_t k) {
+    const auto& s = span.starts;
+    const int64_t before = k > 0 ? s[k - 1] + span.size - s[k] : 0;
+    const int64_t after = k + 1 < s.size() ? s[k] + span.size - s[k + 1] : 0;
+    return ramp(span.size * out_scale, before * out_scale, after * out_scale);
   };
-  for (size_t a = 0; a < ys.size(); ++a) {
-    const auto wy = weights(ys, a, th);
-    for (size_t b = 0; b < xs.size(); ++b) {
-      const auto wx = weights(xs, b, tw);
-      auto out = fn(x.slice(2, ys[a], ys[a] + th).slice(3, xs[b], xs[b] + tw)).to(torch::kFloat32);
+  const int64_t grid_h = x.size(2) / in_scale, grid_w = x.size(3) / in_scale;
+  torch::Tensor acc, weight_sum;
+  for (size_t a = 0; a < rows.starts.size(); ++a) {
+    const auto wy = weights(rows, a);
+    const int64_t y = rows.starts[a];
+    for (size_t b = 0; b < cols.starts.size(); ++b) {
+      const auto wx = weights(cols, b);
+      const int64_t xx = cols.starts[b];
+      auto out = fn(x.slice(2, y * in_scale, (y + rows.size) * in_scale)
+                        .slice(3, xx * in_scale, (xx + cols.size) * in_scale))
+                     .to(torch::kFloat32);
       if (!acc.defined()) {
-        acc = torch::zeros({out.size(0), out.size(1), x.size(2) * num / den, x.size(3) * num / den},
+        acc = torch::zeros({out.size(0), out.size(1), grid_h * out_scale, grid_w * out_scale},
                            out.options());
-        weight_sum = torch::zeros({x.size(2) * num / den, x.size(3) * num / den}, out.options());
+        weight_sum = torch::zeros({grid_h * out_scale, grid_w * out_scale}, out.options());
       }
       auto w = (wy.unsqueeze(1) * wx.unsqueeze(0)).to(out.device());
-      const int64_t oy = ys[a] * num / den, ox = xs[b] * num / den;
+      const int64_t oy = y * out_scale, ox = xx * out_scale;
       acc.slice(2, oy, oy + out.size(2)).slice(3, ox, ox + out.size(3)).add_(out * w);
       weight_sum.slice(0, oy, oy + out.size(2)).slice(1, ox, ox + out.size(3)).add_(w);
     }
@@ -434,14 +438,17 @@ void check_tiling(const VAETiling& t, int64_t f) {
 
 }  // namespace
 
-std::vector<int64_t> tile_starts(int64_t length, int64_t tile, int64_t overlap, int64_t align) {
-  if (length <= tile) return {0};
-  const int64_t stride = tile - overlap;
-  std::vector<int64_t> starts;
-  for (int64_t s = 0; s + tile < length; s += stride)
-    starts.push_back(s);
-  starts.push_back((length - tile) / align * align);
-  return starts;
+TileSpan tile_span(int64_t length, int64_t max_tile, int64_t overlap) {
+  if (length <= max_tile) return {length, {0}};
+  // The fewest tiles of at most max_tile that overlap by at least `overlap`, then the smallest
+  // tile size that still covers the side with them, spread evenly.
+  const int64_t n = (length - overlap + (max_tile - overlap) - 1) / (max_tile - overlap);
+  const int64_t size = (length + (n - 1) * overlap + n - 1) / n;
+  TileSpan span{size, {}};
+  for (int64_t i = 0; i < n; ++i)
+    span.starts.push_back(
+        static_cast<int64_t>(std::llround(static_cast<double>(i) * (length - size) / (n - 1))));
+  return span;
 }
 
 LatentDistribution AutoencoderKLImpl::encode(const torch::Tensor& image) {
@@ -460,7 +467,9 @@ LatentDistribution AutoencoderKLImpl::encode_tiled(const torch::Tensor& image,
   const int64_t f = config.downscale();
   check_tiling(tiling, f);
   if (image.size(2) <= tiling.tile && image.size(3) <= tiling.tile) return encode(image);
-  auto moments = run_tiled(image, tiling.tile, tiling.overlap, f, 1, f,
+  const int64_t tile = tiling.tile / f, overlap = tiling.overlap / f;
+  auto moments = run_tiled(image, tile_span(image.size(2) / f, tile, overlap),
+                           tile_span(image.size(3) / f, tile, overlap), f, 1,
                            [&](const torch::Tensor& t) { return encode_moments(t); });
   return split_moments(moments.to(encoder->conv_in->weight.scalar_type()));
 }
@@ -472,7 +481,8 @@ torch::Tensor AutoencoderKLImpl::decode_tiled(const torch::Tensor& latent,
   check_tiling(tiling, f);
   const int64_t tile = tiling.tile / f, overlap = tiling.overlap / f;
   if (latent.size(2) <= tile && latent.size(3) <= tile) return decode(latent);
-  return run_tiled(latent, tile, overlap, 1, f, 1,
+  return run_tiled(latent, tile_span(latent.size(2), tile, overlap),
+                   tile_span(latent.size(3), tile, overlap), 1, f,
                    [&](const torch::Tensor& t) { return decode_latent(t); })
       .to(decoder->conv_in->weight.scalar_type());
 }

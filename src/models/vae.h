@@ -141,8 +141,9 @@ class VAEDecoderImpl : public torch::nn::Cloneable<VAEDecoderImpl> {
 };
 TORCH_MODULE(VAEDecoder);
 
-// Tiling, in image pixels. A side longer than `tile` is split into tiles of `tile` pixels that
-// overlap by at least `overlap`; both must be multiples of the VAE's downscale factor.
+// Tiling, in image pixels. A side longer than `tile` is split into the fewest tiles of at most
+// `tile` pixels that overlap by at least `overlap`; both must be multiples of the VAE's downscale
+// factor.
 struct VAETiling {
   int64_t tile = 512;
   int64_t overlap = 64;
@@ -180,8 +181,13 @@ class AutoencoderKLImpl : public torch::nn::Cloneable<AutoencoderKLImpl> {
 };
 TORCH_MODULE(AutoencoderKL);
 
-// Tile start offsets along one side of `length` for tiles of `tile` overlapping by at least
-// `overlap`, all aligned to `align`: 0, stride, 2 * stride, ..., the last one flush with the end.
-std::vector<int64_t> tile_starts(int64_t length, int64_t tile, int64_t overlap, int64_t align);
+// The tiles along one side of `length` latent pixels: the fewest tiles of at most `max_tile`
+// that overlap by at least `overlap`, each of the same (smallest sufficient) size, spread evenly
+// from 0 to flush with the end. One tile of `length` when it fits.
+struct TileSpan {
+  int64_t size = 0;
+  std::vector<int64_t> starts;
+};
+TileSpan tile_span(int64_t length, int64_t max_tile, int64_t overlap);
 
 }  // namespace lightning::models
