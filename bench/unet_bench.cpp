@@ -94,6 +94,30 @@ models::UNetInputs random_inputs(const models::UNetConfig& config, int64_t batch
   return in;
 }
 
+// Runs `run` warmup + repeat times (FLOPs counted on the first call) and returns the row with
+// the median time, GFLOP/s and memory; the caller names it.
+BenchRow timed_row(const UNetBenchOptions& options, torch::Device device, double params,
+                   const std::function<void()>& run) {
+  nn::flops::reset();
+  nn::flops::enable(true);
+  std::vector<double> times;
+  for (int i = 0; i < options.warmup + options.repeat; ++i) {
+    const auto start = Clock::now();
+    run();
+    if (device.is_cuda()) torch::cuda::synchronize();
+    if (i >= options.warmup) times.push_back(seconds_since(start));
+    if (i == 0) nn::flops::enable(false);
+  }
+  BenchRow row;
+  row.seconds = median(times);
+  row.gflop = nn::flops::total() / 1e9;
+  row.gflops = row.gflop / row.seconds;
+  row.peak_rss_gb = peak_rss_bytes() / 1e9;
+  row.rss_gb = current_rss_bytes() / 1e9;
+  row.params_m = params / 1e6;
+  return row;
+}
+
 }  // namespace
 
 void save_random_unet(const std::string& preset, const std::string& weights_dtype,
@@ -158,26 +182,10 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
       for (const auto latent : latents) {
         reset_peak_rss();
         auto in = random_inputs(config, options.batch, latent, options.tokens, dtype, device);
-        nn::flops::reset();
-        nn::flops::enable(true);
-        std::vector<double> times;
-        for (int i = 0; i < options.warmup + options.repeat; ++i) {
-          const auto start = Clock::now();
-          auto out = unet->forward(in);
-          if (device.is_cuda()) torch::cuda::synchronize();
-          if (i >= options.warmup) times.push_back(seconds_since(start));
-          if (i == 0) nn::flops::enable(false);
-        }
-        BenchRow row;
+        auto row = timed_row(options, device, params, [&] { unet->forward(in); });
         row.what =
             fmt::format("unet {} {}x{} batch {}", target.name, latent, latent, options.batch);
         row.dtype = dt;
-        row.seconds = median(times);
-        row.gflop = nn::flops::total() / 1e9;
-        row.gflops = row.gflop / row.seconds;
-        row.peak_rss_gb = peak_rss_bytes() / 1e9;
-        row.rss_gb = current_rss_bytes() / 1e9;
-        row.params_m = params / 1e6;
         rows.push_back(row);
         progress(fmt::format("{} {}: {:.3f} s/forward, {:.1f} GFLOP/s, peak RSS {:.2f} GB",
                              row.what, dt, row.seconds, row.gflops, row.peak_rss_gb));
@@ -215,28 +223,14 @@ std::vector<BenchRow> run_vae_bench(const UNetBenchOptions& options,
                                    torch::TensorOptions().dtype(dtype).device(device));
         const models::VAETiling tiling{options.vae_tile,
                                        std::max<int64_t>(f, options.vae_tile / 8 / f * f)};
-        nn::flops::reset();
-        nn::flops::enable(true);
-        std::vector<double> times;
-        for (int i = 0; i < options.warmup + options.repeat; ++i) {
-          const auto start = Clock::now();
-          auto out = options.vae_tile > 0 ? vae->decode_tiled(latent, tiling) : vae->decode(latent);
-          if (device.is_cuda()) torch::cuda::synchronize();
-          if (i >= options.warmup) times.push_back(seconds_since(start));
-          if (i == 0) nn::flops::enable(false);
-        }
-        BenchRow row;
+        auto row = timed_row(options, device, params, [&] {
+          options.vae_tile > 0 ? vae->decode_tiled(latent, tiling) : vae->decode(latent);
+        });
         row.what = fmt::format("vae-decode {} {}x{} batch {}{}", preset, size, size, options.batch,
                                options.vae_tile > 0
                                    ? fmt::format(" tiled {}/{}", tiling.tile, tiling.overlap)
                                    : std::string());
         row.dtype = dt;
-        row.seconds = median(times);
-        row.gflop = nn::flops::total() / 1e9;
-        row.gflops = row.gflop / row.seconds;
-        row.peak_rss_gb = peak_rss_bytes() / 1e9;
-        row.rss_gb = current_rss_bytes() / 1e9;
-        row.params_m = params / 1e6;
         rows.push_back(row);
         progress(fmt::format("{} {}: {:.3f} s, {:.1f} GFLOP/s, peak RSS {:.2f} GB", row.what, dt,
                              row.seconds, row.gflops, row.peak_rss_gb));

@@ -54,15 +54,34 @@ UNet2DConditionModel make_unet_uninitialised(const UNetConfig& config) {
   return UNet2DConditionModel(config);
 }
 
-UNet2DConditionModel load_unet(const std::string& dir_in, const ModelLoadOptions& options) {
-  const auto dir = resolve_component_dir(dir_in, "unet");
+namespace {
+
+// A diffusers component directory: Config from config.json, weights strictly from
+// diffusion_pytorch_model[.<variant>].safetensors.
+template <typename Config, typename Make>
+auto load_diffusers_component(const std::string& dir_in, const std::string& component,
+                              const ModelLoadOptions& options, Make make) {
+  const auto dir = resolve_component_dir(dir_in, component);
   const auto config_path = (fs::path(dir) / "config.json").string();
-  const auto config = UNetConfig::from_json(io::read_json_file(config_path), config_path);
-  auto unet = make_unet_uninitialised(config);
+  auto model = make(Config::from_json(io::read_json_file(config_path), config_path));
   io::WeightFiles weights(find_weight_files(dir, "diffusion_pytorch_model", options.variant));
-  io::load_weights(*unet, weights, {options.dtype, options.device}, dir);
-  unet->eval();
-  return unet;
+  io::load_weights(*model, weights, {options.dtype, options.device}, dir);
+  model->eval();
+  return model;
+}
+
+template <typename Model>
+void save_diffusers_component(const Model& model, const std::string& dir,
+                              c10::optional<torch::ScalarType> dtype) {
+  fs::create_directories(dir);
+  io::write_json_file((fs::path(dir) / "config.json").string(), model->config.to_json());
+  io::save_weights(*model, (fs::path(dir) / "diffusion_pytorch_model.safetensors").string(), dtype);
+}
+
+}  // namespace
+
+UNet2DConditionModel load_unet(const std::string& dir, const ModelLoadOptions& options) {
+  return load_diffusers_component<UNetConfig>(dir, "unet", options, make_unet_uninitialised);
 }
 
 UNet2DConditionModel load_unet_file(const std::string& config_dir, const std::string& file,
@@ -78,9 +97,7 @@ UNet2DConditionModel load_unet_file(const std::string& config_dir, const std::st
 
 void save_unet(const UNet2DConditionModel& unet, const std::string& dir,
                c10::optional<torch::ScalarType> dtype) {
-  fs::create_directories(dir);
-  io::write_json_file((fs::path(dir) / "config.json").string(), unet->config.to_json());
-  io::save_weights(*unet, (fs::path(dir) / "diffusion_pytorch_model.safetensors").string(), dtype);
+  save_diffusers_component(unet, dir, dtype);
 }
 
 void save_clip_text(const CLIPTextModel& model, const std::string& dir,
@@ -115,22 +132,13 @@ AutoencoderKL make_vae_uninitialised(const VAEConfig& config) {
   return AutoencoderKL(config);
 }
 
-AutoencoderKL load_vae(const std::string& dir_in, const ModelLoadOptions& options) {
-  const auto dir = resolve_component_dir(dir_in, "vae");
-  const auto config_path = (fs::path(dir) / "config.json").string();
-  const auto config = VAEConfig::from_json(io::read_json_file(config_path), config_path);
-  auto vae = make_vae_uninitialised(config);
-  io::WeightFiles weights(find_weight_files(dir, "diffusion_pytorch_model", options.variant));
-  io::load_weights(*vae, weights, {options.dtype, options.device}, dir);
-  vae->eval();
-  return vae;
+AutoencoderKL load_vae(const std::string& dir, const ModelLoadOptions& options) {
+  return load_diffusers_component<VAEConfig>(dir, "vae", options, make_vae_uninitialised);
 }
 
 void save_vae(const AutoencoderKL& vae, const std::string& dir,
               c10::optional<torch::ScalarType> dtype) {
-  fs::create_directories(dir);
-  io::write_json_file((fs::path(dir) / "config.json").string(), vae->config.to_json());
-  io::save_weights(*vae, (fs::path(dir) / "diffusion_pytorch_model.safetensors").string(), dtype);
+  save_diffusers_component(vae, dir, dtype);
 }
 
 }  // namespace lightning::models
