@@ -2,7 +2,9 @@
 // (tests/fixtures/sdxl, see tests/fixtures/README.md) must give diffusers' latents and images
 // for the same initial noise: two text encoders, zeroed negative embeddings, time ids, CFG,
 // Euler with trailing spacing and the VAE decode.
+#include <algorithm>
 #include <filesystem>
+#include <map>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -13,6 +15,9 @@
 #include "io/image.h"
 #include "io/json_config.h"
 #include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/checkpoint_formats.h"
+#include "models/lora.h"
 #include "test_util.h"
 
 namespace lightning {
@@ -120,6 +125,54 @@ TEST(SdxlPipeline, TiledDecodeMatchesUntiledWhenTheTileCoversTheImage) {
   EXPECT_EQ(tiled.sizes(), plain.sizes());
   // Tiles this small see little context, and random weights make per-tile statistics differ.
   EXPECT_LT((tiled - plain).abs().mean().item<double>(), 0.35 * plain.abs().mean().item<double>());
+}
+
+// kohya's sd-scripts name SDXL UNet layers by the original layout
+// (lora_unet_input_blocks_4_1_proj_in); a file in either naming must give the same weights.
+TEST(SdxlPipeline, KohyaLoRAInEitherUNetNamingApplies) {
+  auto donor = generate::load_model(pipeline_dir(), {});
+  models::LoRAConfig config;
+  config.rank = 2;
+  models::attach_lora(*donor.unet, config);
+  {
+    torch::NoGradGuard no_grad;
+    torch::manual_seed(3);
+    for (auto& [name, t] : models::lora_parameters(*donor.unet))
+      if (name.find("lora_up") != std::string::npos) t.normal_(0, 0.05);
+  }
+  const auto tmp = test::temp_dir();
+  models::save_kohya_lora(*donor.unet, tmp + "/diffusers-names.safetensors");
+  // The same tensors under original-layout names.
+  std::map<std::string, std::string> rename;
+  for (const auto& [name, source] : models::unet_original_key_map(*donor.unet, ""))
+    if (name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0) {
+      auto from = name.substr(0, name.size() - 7), to = source.key.substr(0, source.key.size() - 7);
+      std::replace(from.begin(), from.end(), '.', '_');
+      std::replace(to.begin(), to.end(), '.', '_');
+      rename["lora_unet_" + from] = "lora_unet_" + to;
+    }
+  std::vector<std::pair<std::string, torch::Tensor>> renamed;
+  size_t changed = 0;
+  for (auto& [key, t] : io::load_safetensors(tmp + "/diffusers-names.safetensors")) {
+    const auto dot = key.find('.');
+    auto it = rename.find(key.substr(0, dot));
+    ASSERT_NE(it, rename.end()) << key;
+    changed += it->second != it->first;
+    renamed.emplace_back(it->second + key.substr(dot), t);
+  }
+  EXPECT_GT(changed, 0u);
+  io::save_safetensors(tmp + "/original-names.safetensors", renamed);
+
+  auto a = generate::load_model(pipeline_dir(), {});
+  generate::apply_loras(a, {{tmp + "/diffusers-names.safetensors", 0.8}}, false);
+  auto b = generate::load_model(pipeline_dir(), {});
+  generate::apply_loras(b, {{tmp + "/original-names.safetensors", 0.8}}, false);
+  const auto wa = io::module_tensors(*a.unet), wb = io::module_tensors(*b.unet);
+  for (const auto& [name, t] : wa)
+    ASSERT_TRUE(torch::equal(t, wb.at(name))) << name;
+  auto plain = generate::load_model(pipeline_dir(), {});
+  EXPECT_FALSE(torch::equal(io::module_tensors(*plain.unet).at("mid_block.resnets.0.conv1.weight"),
+                            wa.at("mid_block.resnets.0.conv1.weight")));
 }
 
 TEST(SdxlPipeline, MissingComponentIsNamed) {

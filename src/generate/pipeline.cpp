@@ -644,8 +644,17 @@ LoRASpec LoRASpec::parse(const std::string& value) {
 }
 
 void apply_loras(TextToImageModel& model, const std::vector<LoRASpec>& loras, bool allow_partial) {
+  // The UNet's layers also answer to their original-layout names (kohya sd-scripts' SDXL LoRAs).
+  std::map<std::string, std::string> unet_aliases;
+  for (const auto& [name, source] : models::unet_original_key_map(*model.unet, "")) {
+    const std::string suffix = ".weight";
+    if (name.size() > suffix.size() &&
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+      unet_aliases[name.substr(0, name.size() - suffix.size())] =
+          source.key.substr(0, source.key.size() - suffix.size());
+  }
   std::vector<models::LoRATarget> targets = {
-      {model.unet.get(), "lora_unet_", {"unet.", ""}},
+      {model.unet.get(), "lora_unet_", {"unet.", ""}, unet_aliases},
       {model.text_encoder.get(), "lora_te_", {"text_encoder."}},
       {model.text_encoder.get(), "lora_te1_", {}},
   };

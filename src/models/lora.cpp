@@ -231,6 +231,9 @@ LoRAApplyReport apply_lora(const LoRAFile& file, const std::vector<LoRATarget>& 
     for (auto& layer : linear_and_conv_layers(*target.module)) {
       if (file.format == "kohya") {
         layers.emplace(kohya_name(target.kohya_prefix, layer.path), layer);
+        auto alias = target.kohya_aliases.find(layer.path);
+        if (alias != target.kohya_aliases.end())
+          layers.emplace(kohya_name(target.kohya_prefix, alias->second), layer);
       } else {
         for (const auto& prefix : target.peft_prefixes)
           layers.emplace(prefix + layer.path, layer);

@@ -106,6 +106,10 @@ struct LoRATarget {
   torch::nn::Module* module = nullptr;
   std::string kohya_prefix;
   std::vector<std::string> peft_prefixes;
+  // Other paths a kohya file may use for a layer (layer path -> alias): kohya's sd-scripts name
+  // SDXL UNet layers by the original layout (lora_unet_input_blocks_4_1_proj_in), others by
+  // diffusers' (lora_unet_down_blocks_1_attentions_0_proj_in); both are accepted.
+  std::map<std::string, std::string> kohya_aliases;
 };
 
 struct LoRAApplyReport {
