@@ -155,7 +155,10 @@ void add_generate_command(CLI::App& app) {
       "Examples: lightning generate --prompt \"a photo of a sneaker\" --out sneaker.png\n"
       "          lightning generate --model fmnist-teacher --prompt \"an ankle boot\" --steps 8 "
       "--sampler ddim --seed 7 --batch 16 --out grid.png\n"
-      "          lightning generate --prompt \"a bag\" --batch 4 --seed 1 --out-dir out/");
+      "          lightning generate --prompt \"a bag\" --batch 4 --seed 1 --out-dir out/\n"
+      "          lightning generate --model sdxl-base-dir --unet "
+      "sdxl_lightning_4step_unet.safetensors "
+      "--preset lightning-4step --prompt \"a fox\" --vae-tiling --out fox.png");
   cmd->add_option("--model", args->model,
                   "Model directory (diffusers layout), shipped model name (models/<name>) or "
                   "single-file checkpoint (.safetensors, SDXL or SD 1.x original layout)")

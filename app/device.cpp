@@ -9,7 +9,9 @@
 namespace lightning::app {
 
 void add_dtype_device_options(CLI::App& command, std::string* dtype, std::string* device) {
-  command.add_option("--dtype", *dtype, "Compute type: f32, bf16 (fast on CPU), f16 (CUDA only)")
+  command
+      .add_option("--dtype", *dtype,
+                  "Compute type: f32, bf16 (fast on CPUs with AVX512-BF16), f16 (CUDA only)")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}))
       ->capture_default_str();
   command.add_option("--device", *device, "cpu or cuda[:N]")->capture_default_str();
