@@ -331,7 +331,7 @@ TextToImageModel load_single_file(const std::string& file, const models::ModelLo
     model.tokenizer = tokenizer;
     if (sdxl) model.tokenizer_2 = tokenizer;
     model.scheduler = builtin_scheduler();
-    model.recommended.steps = sdxl ? 30 : 30;
+    model.recommended.steps = 30;
     model.recommended.guidance_scale = sdxl ? 5.0 : 7.5;
   }
   te1_config.with_projection = false;
@@ -447,10 +447,14 @@ PromptEmbeds encode_conditioning(const TextToImageModel& model,
 }
 
 PromptEmbeds encode_negative(const TextToImageModel& model, const std::string& negative_prompt) {
-  auto embeds = encode_conditioning(model, {negative_prompt});
-  if (model.is_sdxl() && model.force_zeros_for_empty_prompt && negative_prompt.empty())
-    return {torch::zeros_like(embeds.context), torch::zeros_like(embeds.pooled)};
-  return embeds;
+  if (!(model.is_sdxl() && model.force_zeros_for_empty_prompt && negative_prompt.empty()))
+    return encode_conditioning(model, {negative_prompt});
+  // Zeros of the conditioning's shapes; no text encoder needs to run.
+  const auto& t1 = model.text_encoder->config;
+  const auto& t2 = model.text_encoder_2->config;
+  const auto options = model.text_encoder->text_model->final_layer_norm->weight.options();
+  return {torch::zeros({1, t1.max_position_embeddings, t1.hidden_size + t2.hidden_size}, options),
+          torch::zeros({1, t2.projection_dim}, options)};
 }
 
 torch::Tensor encode_prompts(const TextToImageModel& model, const std::vector<std::string>& prompts,

@@ -106,29 +106,28 @@ io::KeyMap vae_original_key_map(const AutoencoderKLImpl& vae, const std::string&
     rules.push_back({p + ".mid_block.resnets.1.", p + ".mid.block_2.", &kVAEResnet});
     rules.push_back({p + ".mid_block.attentions.0.", p + ".mid.attn_1.", &kVAEAttention});
   }
+  const int64_t layers = vae.config.layers_per_block;
   for (size_t i = 0; i < n; ++i) {
-    rules.push_back({fmt::format("encoder.down_blocks.{}.resnets.", i),
-                     fmt::format("encoder.down.{}.block.", i)});
+    // Resnets rename conv_shortcut to nin_shortcut; the decoder has one more per level, and its
+    // levels are numbered from the bottom in the original layout.
+    for (int64_t j = 0; j < layers; ++j)
+      rules.push_back({fmt::format("encoder.down_blocks.{}.resnets.{}.", i, j),
+                       fmt::format("encoder.down.{}.block.{}.", i, j), &kVAEResnet});
+    for (int64_t j = 0; j <= layers; ++j)
+      rules.push_back({fmt::format("decoder.up_blocks.{}.resnets.{}.", i, j),
+                       fmt::format("decoder.up.{}.block.{}.", n - 1 - i, j), &kVAEResnet});
     rules.push_back({fmt::format("encoder.down_blocks.{}.downsamplers.0.", i),
                      fmt::format("encoder.down.{}.downsample.", i)});
-    // The decoder's levels are numbered from the bottom in the original layout.
-    rules.push_back({fmt::format("decoder.up_blocks.{}.resnets.", i),
-                     fmt::format("decoder.up.{}.block.", n - 1 - i)});
     rules.push_back({fmt::format("decoder.up_blocks.{}.upsamplers.0.", i),
                      fmt::format("decoder.up.{}.upsample.", n - 1 - i)});
   }
   auto map = apply_rules(vae, rules, prefix);
-  // Resnet shortcuts inside levels: conv_shortcut -> nin_shortcut; mid attention projections
-  // are 1x1 convs.
-  for (auto& [name, source] : map) {
-    const auto pos = source.key.find(".conv_shortcut.");
-    if (pos != std::string::npos) source.key.replace(pos, 15, ".nin_shortcut.");
-    if (name.find("mid_block.attentions.0.to_") != std::string::npos && name.size() > 7 &&
-        name.compare(name.size() - 7, 7, ".weight") == 0) {
-      source.op = io::SourceTensor::Op::kReshape;
-      for (const auto& [n2, t] : io::module_tensors(vae))
-        if (n2 == name) source.shape = t.sizes().vec();
-    }
+  // The mid attention's projections are 1x1 convs there: read them reshaped to the Linear's.
+  for (const auto& [name, tensor] : io::module_tensors(vae)) {
+    if (name.find("mid_block.attentions.0.to_") == std::string::npos || tensor.dim() != 2) continue;
+    auto& source = map.at(name);
+    source.op = io::SourceTensor::Op::kReshape;
+    source.shape = tensor.sizes().vec();
   }
   return map;
 }
