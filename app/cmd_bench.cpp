@@ -1,9 +1,11 @@
 // `lightning bench`: UNet forward speed, memory and GFLOP/s (not a test; see docs/benchmarks.md).
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <thread>
 
 #include "app/commands.h"
+#include "app/device.h"
 #include "bench/unet_bench.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -28,7 +30,8 @@ void add_bench_command(CLI::App& app) {
       "          lightning bench --unet sdxl --latent 64,128 --dtype f32,bf16 --repeat 1\n"
       "          lightning bench --unet sdxl --save-random /tmp/sdxl-f16 --weights-dtype f16\n"
       "          lightning bench --model /tmp/sdxl-f16 --dtype f32 --latent 32\n"
-      "          lightning bench --vae sdxl --image 512,1024 --dtype f32 [--vae-tile 512]");
+      "          lightning bench --vae sdxl --image 512,1024 --dtype f32 [--vae-tile 512]\n"
+      "          lightning bench --pipeline sdxl --image 1024 --steps 4 --device cuda --dtype f16");
   auto& o = args->options;
   cmd->add_option("--unet", o.presets, "UNet presets: tiny-sdxl, tiny-sd15, sd15, sdxl")
       ->delimiter(',')
@@ -61,7 +64,18 @@ void add_bench_command(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--vae-tile", o.vae_tile, "VAE bench: decode in tiles of this many pixels")
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--device", o.device, "cpu or cuda")->capture_default_str();
+  cmd->add_option("--pipeline", o.pipeline,
+                  "Benchmark text-to-image end to end: a random-weight preset (sdxl, tiny-sdxl), "
+                  "a model directory or a single-file checkpoint");
+  cmd->add_option("--steps", o.steps, "Pipeline bench: Euler steps (trailing spacing)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--guidance", o.guidance, "Pipeline bench: CFG scale (<= 1: off)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_flag("!--no-vae-upcast", o.vae_upcast,
+                "Pipeline bench presets: run the VAE in f16 too (as an fp16-fix VAE does)");
+  cmd->add_option("--device", o.device, "cpu or cuda[:N]")->capture_default_str();
   cmd->add_option("--model", o.model_dir,
                   "Benchmark this model directory (load time and RSS, then forwards)");
   cmd->add_option(
@@ -72,10 +86,17 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   add_threads_option(*cmd, &args->threads);
   cmd->callback([args] {
+    const auto& pipeline = args->options.pipeline;
+    if (!pipeline.empty() && !args->options.vae_presets.empty())
+      fail_usage("--pipeline and --vae: choose one benchmark");
+    if (!pipeline.empty() && pipeline != "sdxl" && pipeline != "tiny-sdxl" &&
+        !std::filesystem::exists(pipeline))
+      fail_usage("--pipeline {}: not a preset (sdxl, tiny-sdxl), model directory or file",
+                 pipeline);
     set_threads(args->threads);
     spdlog::info("bench: {} threads", at::get_num_threads());
     const auto& dtypes = args->options.dtypes;
-    const bool cpu = args->options.device == "cpu";
+    const bool cpu = parse_device(args->options.device).is_cpu();
     if (cpu && std::find(dtypes.begin(), dtypes.end(), "f16") != dtypes.end())
       fail_usage("--dtype f16: libtorch has no f16 convolution/matmul on CPU; use bf16 or f32");
     if (cpu && !cpu_has_avx512_bf16() &&
@@ -88,8 +109,15 @@ void add_bench_command(CLI::App& app) {
       return;
     }
     const auto progress = [](const std::string& line) { spdlog::info("{}", line); };
-    auto rows = args->options.vae_presets.empty() ? bench::run_unet_bench(args->options, progress)
-                                                  : bench::run_vae_bench(args->options, progress);
+    std::vector<bench::BenchRow> rows;
+    if (!args->options.pipeline.empty()) {
+      args->options.vocab = shipped_vocab();
+      rows = bench::run_pipeline_bench(args->options, progress);
+    } else if (!args->options.vae_presets.empty()) {
+      rows = bench::run_vae_bench(args->options, progress);
+    } else {
+      rows = bench::run_unet_bench(args->options, progress);
+    }
     std::fputs(bench::format_bench_table(rows).c_str(), stdout);
   });
 }

@@ -1,5 +1,6 @@
 #include "app/device.h"
 
+#include <ATen/Context.h>
 #include <torch/cuda.h>
 
 #include "core/error.h"
@@ -22,11 +23,18 @@ torch::Device parse_device(const std::string& name) {
   if (name.rfind("cuda", 0) == 0) {
     if (!torch::cuda::is_available())
       fail_usage("--device {}: this build of libtorch has no CUDA device available", name);
+    torch::Device device = torch::kCPU;
     try {
-      return torch::Device(name);
+      device = torch::Device(name);
     } catch (const std::exception&) {
       fail_usage("--device {}: not a device (use cpu or cuda[:N])", name);
     }
+    if (device.has_index() && device.index() >= static_cast<int>(torch::cuda::device_count()))
+      fail_usage("--device {}: this machine has {} CUDA device(s)", name,
+                 torch::cuda::device_count());
+    // Fixed shapes through a whole generation: let cuDNN pick the fastest convolution algorithms.
+    at::globalContext().setBenchmarkCuDNN(true);
+    return device;
   }
   fail_usage("--device {}: not a device (use cpu or cuda[:N])", name);
 }

@@ -3,13 +3,17 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 
 #include <torch/torch.h>
 
 #include "core/error.h"
 #include "core/system.h"
+#include "diffusion/guidance.h"
+#include "generate/pipeline.h"
 #include "models/model_loader.h"
 #include "nn/layers.h"
+#include "text/clip_tokenizer.h"
 
 namespace lightning::bench {
 namespace {
@@ -96,6 +100,23 @@ models::UNetInputs random_inputs(const models::UNetConfig& config, int64_t batch
 
 // Runs `run` warmup + repeat times (FLOPs counted on the first call) and returns the row with
 // the median time, GFLOP/s and memory; the caller names it.
+void sync(torch::Device device) {
+  if (device.is_cuda()) torch::cuda::synchronize();
+}
+
+void reset_peaks(torch::Device device) {
+  reset_peak_rss();
+  if (device.is_cuda()) {
+    torch::zeros({1}, torch::TensorOptions().device(device));  // creates the allocator's state
+    reset_cuda_peak(device.index() < 0 ? 0 : device.index());
+  }
+}
+
+double peak_gpu_gb(torch::Device device) {
+  return device.is_cuda() ? cuda_peak_allocated_bytes(device.index() < 0 ? 0 : device.index()) / 1e9
+                          : 0.0;
+}
+
 BenchRow timed_row(const UNetBenchOptions& options, torch::Device device, double params,
                    const std::function<void()>& run) {
   nn::flops::reset();
@@ -104,9 +125,12 @@ BenchRow timed_row(const UNetBenchOptions& options, torch::Device device, double
   for (int i = 0; i < options.warmup + options.repeat; ++i) {
     const auto start = Clock::now();
     run();
-    if (device.is_cuda()) torch::cuda::synchronize();
+    sync(device);
     if (i >= options.warmup) times.push_back(seconds_since(start));
     if (i == 0) nn::flops::enable(false);
+    // The GPU peak is the steady state's: cuDNN's algorithm search in the first calls tries
+    // convolutions with large workspaces.
+    if (i + 1 == options.warmup && device.is_cuda()) reset_peaks(device);
   }
   BenchRow row;
   row.seconds = median(times);
@@ -115,6 +139,7 @@ BenchRow timed_row(const UNetBenchOptions& options, torch::Device device, double
   row.peak_rss_gb = peak_rss_bytes() / 1e9;
   row.rss_gb = current_rss_bytes() / 1e9;
   row.params_m = params / 1e6;
+  row.peak_gpu_gb = peak_gpu_gb(device);
   return row;
 }
 
@@ -180,7 +205,7 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
       for (const auto& p : unet->parameters())
         params += p.numel();
       for (const auto latent : latents) {
-        reset_peak_rss();
+        reset_peaks(device);
         auto in = random_inputs(config, options.batch, latent, options.tokens, dtype, device);
         auto row = timed_row(options, device, params, [&] { unet->forward(in); });
         row.what =
@@ -218,7 +243,7 @@ std::vector<BenchRow> run_vae_bench(const UNetBenchOptions& options,
       for (const auto size : images) {
         const int64_t f = config.downscale();
         if (size % f != 0) fail_usage("bench: image size {} is not a multiple of {}", size, f);
-        reset_peak_rss();
+        reset_peaks(device);
         auto latent = torch::randn({options.batch, config.latent_channels, size / f, size / f},
                                    torch::TensorOptions().dtype(dtype).device(device));
         const models::VAETiling tiling{options.vae_tile,
@@ -240,17 +265,192 @@ std::vector<BenchRow> run_vae_bench(const UNetBenchOptions& options,
   return rows;
 }
 
+namespace {
+
+double count_params(torch::nn::Module& module) {
+  double n = 0;
+  for (const auto& p : module.parameters())
+    n += static_cast<double>(p.numel());
+  return n;
+}
+
+// A random-weight text-to-image pipeline: SDXL base 1.0's shapes ("sdxl": 2.6B UNet, CLIP-L and
+// OpenCLIP-bigG, the 84M VAE) or a tiny one of the same structure ("tiny-sdxl").
+generate::TextToImageModel random_pipeline(const std::string& preset, torch::ScalarType dtype,
+                                           torch::Device device, bool vae_upcast,
+                                           const std::string& vocab) {
+  using namespace models;
+  UNetConfig unet_config;
+  CLIPTextConfig te1 = CLIPTextConfig::sdxl_clip_l(), te2 = CLIPTextConfig::sdxl_clip_g();
+  VAEConfig vae_config;
+  if (preset == "sdxl") {
+    unet_config = UNetConfig::sdxl();
+    vae_config = VAEConfig::sdxl();
+  } else if (preset == "tiny-sdxl") {
+    unet_config = UNetConfig::tiny_sdxl();  // cross-attention 32 = 16 + 16, pooled 16
+    for (auto* te : {&te1, &te2}) {
+      te->hidden_size = 16;
+      te->intermediate_size = 32;
+      te->num_hidden_layers = 2;
+      te->num_attention_heads = 2;
+      te->projection_dim = 16;
+    }
+    vae_config = VAEConfig::tiny();
+    vae_config.force_upcast = true;
+  } else {
+    fail_usage("bench --pipeline {}: not a preset (sdxl, tiny-sdxl), directory or file", preset);
+  }
+  vae_config.force_upcast = vae_config.force_upcast && vae_upcast;
+  generate::TextToImageModel model;
+  model.name = "random " + preset;
+  auto tokenizer = std::make_shared<text::CLIPTokenizer>(text::CLIPTokenizer::load(vocab));
+  model.tokenizer = model.tokenizer_2 = tokenizer;
+  model.pad_id = tokenizer->eos_id();
+  model.pad_id_2 = tokenizer->token_to_id("!");
+  model.force_zeros_for_empty_prompt = true;
+  model.scheduler = generate::builtin_scheduler();
+  model.unet = make_unet_uninitialised(unet_config);
+  model.text_encoder = make_clip_text_uninitialised(te1);
+  model.text_encoder_2 = make_clip_text_uninitialised(te2);
+  model.vae = make_vae_uninitialised(vae_config);
+  randomise(*model.unet, dtype, device);
+  randomise(*model.text_encoder, dtype, device);
+  randomise(*model.text_encoder_2, dtype, device);
+  const bool upcast = dtype == torch::kFloat16 && vae_config.force_upcast;
+  randomise(*model.vae, upcast ? torch::kFloat32 : dtype, device);
+  for (torch::nn::Module* m : {static_cast<torch::nn::Module*>(model.unet.get()),
+                               static_cast<torch::nn::Module*>(model.text_encoder.get()),
+                               static_cast<torch::nn::Module*>(model.text_encoder_2.get()),
+                               static_cast<torch::nn::Module*>(model.vae.get())})
+    m->eval();
+  return model;
+}
+
+generate::TextToImageModel bench_pipeline(const UNetBenchOptions& options, torch::ScalarType dtype,
+                                          torch::Device device) {
+  const std::string& what = options.pipeline;
+  if (std::filesystem::is_directory(what)) return generate::load_model(what, {dtype, device, ""});
+  if (std::filesystem::is_regular_file(what))
+    return generate::load_single_file(what, {dtype, device, ""}, {"", options.vocab});
+  return random_pipeline(what, dtype, device, options.vae_upcast, options.vocab);
+}
+
+}  // namespace
+
+std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
+                                         const std::function<void(const std::string&)>& progress) {
+  const torch::Device device(options.device);
+  std::vector<BenchRow> rows;
+  torch::NoGradGuard no_grad;
+  for (const auto& dt : options.dtypes) {
+    const auto dtype = dtype_of(dt);
+    reset_peaks(device);
+    const auto load_start = Clock::now();
+    auto model = bench_pipeline(options, dtype, device);
+    {
+      BenchRow row;
+      row.what = fmt::format("load {}", model.name);
+      row.dtype = dt;
+      row.seconds = seconds_since(load_start);
+      row.params_m = (count_params(*model.unet) + count_params(*model.text_encoder) +
+                      (model.is_sdxl() ? count_params(*model.text_encoder_2) : 0.0) +
+                      (model.is_latent() ? count_params(*model.vae) : 0.0)) /
+                     1e6;
+      row.peak_rss_gb = peak_rss_bytes() / 1e9;
+      row.rss_gb = current_rss_bytes() / 1e9;
+      row.peak_gpu_gb = peak_gpu_gb(device);
+      rows.push_back(row);
+      progress(fmt::format("{} as {}: {:.1f} s, {:.0f}M parameters, RSS {:.2f} GB", row.what, dt,
+                           row.seconds, row.params_m, row.rss_gb));
+    }
+    auto images = options.images;
+    if (images.empty()) images = {model.sample_size()};
+    for (const auto size : images) {
+      generate::GenerateRequest request;
+      request.prompts = {"a photo of an astronaut riding a horse on the moon"};
+      request.steps = options.steps;
+      request.guidance_scale = options.guidance;
+      request.sampler = diffusion::SamplerKind::kEuler;
+      request.timestep_spacing = diffusion::TimestepSpacing::kTrailing;
+      request.height = request.width = size;
+      const auto resolved = generate::resolve_request(model, request);
+      const std::string name =
+          fmt::format("{} {}x{} {} steps{}", model.name, size, size, resolved.steps,
+                      diffusion::uses_guidance(*resolved.guidance_scale)
+                          ? fmt::format(" cfg {:g}", *resolved.guidance_scale)
+                          : std::string());
+      // End to end: prompt to pixels on the host. UNet steps are timed between the callbacks.
+      reset_peaks(device);
+      std::vector<double> totals, steps;
+      torch::Tensor latents;
+      for (int i = 0; i < options.warmup + options.repeat; ++i) {
+        const bool timed = i >= options.warmup;
+        const auto start = Clock::now();
+        auto last = start;
+        generate::generate(
+            model, request,
+            [&](int64_t done, int64_t) {
+              sync(device);
+              const auto now = Clock::now();
+              // The first step's time also holds the text encoders; later steps are pure.
+              if (timed && done > 1)
+                steps.push_back(std::chrono::duration<double>(now - last).count());
+              last = now;
+            },
+            &latents);
+        sync(device);
+        if (timed) totals.push_back(seconds_since(start));
+        if (i + 1 == options.warmup && device.is_cuda()) reset_peaks(device);
+      }
+      const double peak_rss = peak_rss_bytes() / 1e9, peak_gpu = peak_gpu_gb(device);
+      auto add = [&](const std::string& what, double seconds) {
+        BenchRow row;
+        row.what = what;
+        row.dtype = dt;
+        row.seconds = seconds;
+        row.peak_rss_gb = peak_rss;
+        row.rss_gb = current_rss_bytes() / 1e9;
+        row.peak_gpu_gb = peak_gpu;
+        rows.push_back(row);
+        progress(fmt::format("{} {}: {:.4f} s", what, dt, seconds));
+      };
+      add(fmt::format("end to end {}", name), median(totals));
+      // The parts, timed on their own.
+      std::vector<double> encode_times, decode_times;
+      const auto on_device = latents.to(device);
+      for (int i = 0; i < options.warmup + options.repeat; ++i) {
+        auto start = Clock::now();
+        generate::encode_conditioning(model, request.prompts, false);
+        sync(device);
+        if (i >= options.warmup) encode_times.push_back(seconds_since(start));
+        start = Clock::now();
+        generate::decode_latents(model, on_device);
+        sync(device);
+        if (i >= options.warmup) decode_times.push_back(seconds_since(start));
+      }
+      add(fmt::format("  text encoders {}", name), median(encode_times));
+      if (!steps.empty()) add(fmt::format("  unet step {}", name), median(steps));
+      add(fmt::format("  vae decode {}", name), median(decode_times));
+    }
+  }
+  return rows;
+}
+
 std::string format_bench_table(const std::vector<BenchRow>& rows) {
+  const bool gpu =
+      std::any_of(rows.begin(), rows.end(), [](const BenchRow& r) { return r.peak_gpu_gb > 0; });
   std::string out =
-      "| what | dtype | params (M) | seconds | GFLOP | GFLOP/s | RSS after (GB) | peak RSS (GB) |\n"
-      "|---|---|---|---|---|---|---|---|\n";
+      "| what | dtype | params (M) | seconds | GFLOP | GFLOP/s | RSS after (GB) | peak RSS (GB) |" +
+      std::string(gpu ? " peak GPU (GB) |" : "") + "\n|---|---|---|---|---|---|---|---|" +
+      (gpu ? "---|" : "") + "\n";
   for (const auto& r : rows) {
     auto opt = [](double v, const char* format) {
       return v > 0 ? fmt::format(fmt::runtime(format), v) : std::string("-");
     };
-    out += fmt::format("| {} | {} | {} | {:.4f} | {} | {} | {} | {:.2f} |\n", r.what, r.dtype,
+    out += fmt::format("| {} | {} | {} | {:.4f} | {} | {} | {} | {:.2f} |{}\n", r.what, r.dtype,
                        opt(r.params_m, "{:.1f}"), r.seconds, opt(r.gflop, "{:.1f}"),
-                       opt(r.gflops, "{:.1f}"), opt(r.rss_gb, "{:.2f}"), r.peak_rss_gb);
+                       opt(r.gflops, "{:.1f}"), opt(r.rss_gb, "{:.2f}"), r.peak_rss_gb,
+                       gpu ? fmt::format(" {:.2f} |", r.peak_gpu_gb) : std::string());
   }
   return out;
 }

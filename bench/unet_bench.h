@@ -26,6 +26,14 @@ struct UNetBenchOptions {
   std::vector<std::string> vae_presets;
   std::vector<int64_t> images;
   int64_t vae_tile = 0;
+  // End-to-end text-to-image benchmark instead: a random-weight pipeline preset ("sdxl",
+  // "tiny-sdxl") or a model directory / single-file checkpoint, at `images` sizes (default 1024
+  // for sdxl), `steps` Euler steps (trailing), `guidance` (<= 1: no CFG, as SDXL-Lightning).
+  std::string pipeline;
+  int64_t steps = 4;
+  double guidance = 0;
+  bool vae_upcast = true;  // random presets: keep force_upcast (the VAE runs in f32 for f16)
+  std::string vocab;       // the CLIP vocabulary for random presets and single files
 };
 
 // Writes a random-weight UNet of `preset` as a diffusers model directory with weights stored in
@@ -42,6 +50,7 @@ struct BenchRow {
   double peak_rss_gb = 0;  // process high-water mark during this row
   double params_m = 0;     // parameters in millions
   double rss_gb = 0;       // RSS at the end of the row (load rows: after loading)
+  double peak_gpu_gb = 0;  // CUDA: peak bytes allocated by tensors during the row
 };
 
 // Runs the benchmark; `progress` receives one line per finished measurement.
@@ -52,6 +61,11 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
 // dtypes, warmup, repeat, device).
 std::vector<BenchRow> run_vae_bench(const UNetBenchOptions& options,
                                     const std::function<void(const std::string&)>& progress);
+
+// Text-to-image end to end (options.pipeline): rows for the whole generate() call (prompt to
+// pixels on the host), the text encoders, one UNet step and the VAE decode, per dtype and size.
+std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
+                                         const std::function<void(const std::string&)>& progress);
 
 // A Markdown table of the rows.
 std::string format_bench_table(const std::vector<BenchRow>& rows);

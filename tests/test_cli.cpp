@@ -35,6 +35,25 @@ TEST(Cli, HelpExitsZero) {
   EXPECT_EQ(test::run_lightning("bench --help").exit_code, 0);
 }
 
+TEST(Cli, BenchPipelineTimesEveryPart) {
+  // A random tiny SDXL-shaped pipeline, and the pipeline fixture directory.
+  auto r = test::run_lightning(
+      "bench --threads 1 --pipeline tiny-sdxl --image 32 --steps 2 --warmup 0 --repeat 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* row :
+       {"| load random tiny-sdxl | f32 |", "| end to end random tiny-sdxl 32x32 2 steps",
+        "|   text encoders ", "|   unet step ", "|   vae decode "})
+    EXPECT_THAT(r.output, HasSubstr(row));
+  r = test::run_lightning("bench --threads 1 --pipeline " +
+                          fixture("tests/fixtures/sdxl/tiny-sdxl-pipeline") +
+                          " --image 64 --steps 1 --guidance 5 --warmup 0 --repeat 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("64x64 1 steps cfg 5 | f32 |"));
+  expect_one_line_error(test::run_lightning("bench --pipeline nonsense"), 2, "--pipeline nonsense");
+  expect_one_line_error(test::run_lightning("bench --pipeline tiny-sdxl --vae tiny"), 2,
+                        "choose one");
+}
+
 TEST(Cli, ForwardUnetWritesDiffusersOutput) {
   const auto out = test::temp_dir() + "/out.safetensors";
   auto r =

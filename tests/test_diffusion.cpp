@@ -66,7 +66,9 @@ void expect_rel(double actual, double expected, double tol, const std::string& w
 }
 
 constexpr double kRelTol = 1e-6;
-constexpr double kStepTol = 1e-6;
+// float32 steps: a few ulp. libtorch 2.11 rounds the v-prediction Euler step 1.06e-6 off the
+// fixtures (made with torch 1.13), hence 2e-6.
+constexpr double kStepTol = 2e-6;
 constexpr double kRoundTripTol = 5e-5;
 
 TEST(NoiseScheduleTest, AlphasCumprodMatchesDiffusers) {

@@ -8,6 +8,9 @@
 #include <string>
 
 #include <ATen/Parallel.h>
+#ifdef LIGHTNING_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 namespace lightning {
 
@@ -74,5 +77,30 @@ bool reset_peak_rss() {
   out << "5";
   return static_cast<bool>(out.flush());
 }
+
+#ifdef LIGHTNING_CUDA
+// Index 0 of each stat array is the aggregate over pool types (StatType::AGGREGATE).
+int64_t cuda_peak_allocated_bytes(int index) {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(index))
+      .allocated_bytes[0]
+      .peak;
+}
+int64_t cuda_peak_reserved_bytes(int index) {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(index))
+      .reserved_bytes[0]
+      .peak;
+}
+void reset_cuda_peak(int index) {
+  c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(index));
+}
+#else
+int64_t cuda_peak_allocated_bytes(int) {
+  return 0;
+}
+int64_t cuda_peak_reserved_bytes(int) {
+  return 0;
+}
+void reset_cuda_peak(int) {}
+#endif
 
 }  // namespace lightning

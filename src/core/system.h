@@ -32,4 +32,11 @@ int64_t peak_rss_bytes();
 // Returns false where the kernel does not allow it.
 bool reset_peak_rss();
 
+// Peak bytes held by libtorch's CUDA caching allocator on CUDA device `index` since the last
+// reset_cuda_peak(index): allocated by tensors, and reserved from the driver. 0 in builds
+// without CUDA (LIGHTNING_CUDA is defined when libtorch has c10_cuda).
+int64_t cuda_peak_allocated_bytes(int index);
+int64_t cuda_peak_reserved_bytes(int index);
+void reset_cuda_peak(int index);
+
 }  // namespace lightning

@@ -242,10 +242,6 @@ TextToImageModel load_model(const std::string& dir, const models::ModelLoadOptio
   return model;
 }
 
-namespace {
-
-// The scheduler of stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5 (both the same
-// scaled_linear schedule; SD 1.5's is a PNDM config, for which Euler is the usual choice).
 diffusion::SchedulerConfig builtin_scheduler() {
   return diffusion::from_json({{"_class_name", "EulerDiscreteScheduler"},
                                {"beta_start", 0.00085},
@@ -257,6 +253,8 @@ diffusion::SchedulerConfig builtin_scheduler() {
                                {"steps_offset", 1}},
                               "built-in SDXL scheduler");
 }
+
+namespace {
 
 // Loads `module` from `files` through `map`; checkpoint keys under `prefix` that the map does
 // not read are refused (unless listed in `ignored`).

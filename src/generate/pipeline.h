@@ -108,6 +108,10 @@ struct SingleFileOptions {
 TextToImageModel load_single_file(const std::string& file, const models::ModelLoadOptions& options,
                                   const SingleFileOptions& single_file);
 
+// The scheduler of stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5 (the same
+// scaled_linear schedule; SD 1.5's is a PNDM config, for which Euler is the usual choice).
+diffusion::SchedulerConfig builtin_scheduler();
+
 // A LoRA to merge into a loaded model: `--lora FILE[:SCALE]`.
 struct LoRASpec {
   std::string path;

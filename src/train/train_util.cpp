@@ -67,6 +67,21 @@ std::vector<std::pair<std::string, torch::Tensor>> named_params(const torch::nn:
 }
 
 namespace {
+// The key of a parameter in Optimizer::state(): its TensorImpl address, printed as libtorch
+// prints it (ostream formatting: c10::str, as c10::guts::to_string in 1.x) where the map is keyed
+// by strings, else the address itself.
+template <typename Key>
+Key key_of(c10::TensorImpl* impl) {
+  if constexpr (std::is_same_v<Key, std::string>)
+    return c10::str(impl);
+  else
+    return static_cast<Key>(impl);
+}
+using StateKey = std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>::key_type;
+StateKey state_key(const torch::Tensor& p) {
+  return key_of<StateKey>(p.unsafeGetTensorImpl());
+}
+
 template <typename State>
 void put_state(torch::optim::Optimizer& optimizer, const torch::Tensor& p, int64_t step,
                torch::Tensor exp_avg, torch::Tensor exp_avg_sq) {
@@ -74,7 +89,7 @@ void put_state(torch::optim::Optimizer& optimizer, const torch::Tensor& p, int64
   st->step(step);
   st->exp_avg(std::move(exp_avg));
   st->exp_avg_sq(std::move(exp_avg_sq));
-  optimizer.state()[c10::guts::to_string(p.unsafeGetTensorImpl())] = std::move(st);
+  optimizer.state()[state_key(p)] = std::move(st);
 }
 }  // namespace
 
@@ -83,7 +98,7 @@ std::vector<std::pair<std::string, torch::Tensor>> adam_state_tensors(
     const std::vector<std::pair<std::string, torch::Tensor>>& params) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& [name, p] : params) {
-    auto it = optimizer.state().find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+    auto it = optimizer.state().find(state_key(p));
     if (it == optimizer.state().end()) continue;
     if (auto* adam = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
       out.emplace_back(name + ".exp_avg", adam->exp_avg());

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds build-cuda/lightning against the libtorch inside a CUDA-enabled PyTorch install (the
+# pip wheel: torch.utils.cmake_prefix_path), for `--device cuda`. The other libraries come from
+# the system (scripts/setup.sh installs them on Debian) or from DEPS_PREFIX.
+#   scripts/build-cuda.sh                          # then: build-cuda/lightning generate --device cuda
+#   PYTHON=/opt/venv/bin/python3 DEPS_PREFIX=/opt/deps/usr scripts/build-cuda.sh -DLIGHTNING_TESTS=ON
+# Extra arguments go to cmake's configure step; TARGET (default lightning) picks what to build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+torch_prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+"$python" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' ||
+  echo "warning: $python's torch has no CUDA; build-cuda/lightning will run on the CPU only" >&2
+generator=()
+if command -v ninja >/dev/null; then generator=(-G Ninja); fi
+cmake -S . -B build-cuda "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="${torch_prefix}${DEPS_PREFIX:+;$DEPS_PREFIX}" -DLIGHTNING_TESTS=OFF "$@"
+cmake --build build-cuda -j"$(nproc)" --target "${TARGET:-lightning}"
