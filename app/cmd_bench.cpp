@@ -17,7 +17,7 @@ struct BenchArgs {
   bench::UNetBenchOptions options;
   int threads = 0;
   std::string save_random;
-  std::string weights_dtype = "f16";
+  std::string weights_dtype;  // --save-random: f16 by default; --pipeline: the --dtype
 };
 }  // namespace
 
@@ -62,7 +62,8 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--image", o.images, "VAE bench image sizes (default 512,1024 for sdxl)")
       ->delimiter(',')
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--vae-tile", o.vae_tile, "VAE bench: decode in tiles of this many pixels")
+  cmd->add_option("--vae-tile", o.vae_tile,
+                  "VAE and pipeline benches: decode in tiles of this many pixels")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--pipeline", o.pipeline,
                   "Benchmark text-to-image end to end: a random-weight preset (sdxl, tiny-sdxl), "
@@ -81,9 +82,10 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option(
       "--save-random", args->save_random,
       "Write a random-weight UNet of the first --unet preset to this directory, then exit");
-  cmd->add_option("--weights-dtype", args->weights_dtype, "Stored dtype for --save-random")
-      ->check(CLI::IsMember({"f32", "f16", "bf16"}))
-      ->capture_default_str();
+  cmd->add_option("--weights-dtype", args->weights_dtype,
+                  "--save-random: the stored dtype (default f16); --pipeline: hold the weights in "
+                  "this dtype while computing in --dtype (default: the --dtype)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}));
   add_threads_option(*cmd, &args->threads);
   cmd->callback([args] {
     const auto& pipeline = args->options.pipeline;
@@ -104,7 +106,9 @@ void add_bench_command(CLI::App& app) {
       spdlog::info(
           "bench: this CPU has no AVX512-BF16; bf16 rows run libtorch's slow reference kernels");
     if (!args->save_random.empty()) {
-      bench::save_random_unet(args->options.presets.at(0), args->weights_dtype, args->save_random);
+      bench::save_random_unet(args->options.presets.at(0),
+                              args->weights_dtype.empty() ? "f16" : args->weights_dtype,
+                              args->save_random);
       spdlog::info("wrote {}", args->save_random);
       return;
     }
@@ -112,6 +116,7 @@ void add_bench_command(CLI::App& app) {
     std::vector<bench::BenchRow> rows;
     if (!args->options.pipeline.empty()) {
       args->options.vocab = shipped_vocab();
+      args->options.weights_dtype = args->weights_dtype;
       rows = bench::run_pipeline_bench(args->options, progress);
     } else if (!args->options.vae_presets.empty()) {
       rows = bench::run_vae_bench(args->options, progress);

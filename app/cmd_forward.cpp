@@ -100,27 +100,46 @@ void run_forward(const ForwardArgs& args) {
   torch::NoGradGuard no_grad;
   std::vector<std::pair<std::string, torch::Tensor>> outputs;
   if (args.kind == "unet") {
-    auto unet = models::load_unet(args.model, {dtype, device, ""});
+    auto unet = models::load_unet(args.model, {dtype, device, "", {}});
     auto inputs = unet_inputs(named, args.inputs, device);
     outputs.emplace_back("out", unet->forward(inputs));
   } else if (args.kind == "clip-text") {
-    auto model = models::load_clip_text(args.model, {dtype, device, ""});
+    auto model = models::load_clip_text(args.model, {dtype, device, "", {}});
     auto out = model->forward(clip_text_inputs(named, args.inputs, device));
     outputs.emplace_back("last_hidden_state", out.last_hidden_state);
     outputs.emplace_back("penultimate_hidden_state", out.penultimate_hidden_state);
     outputs.emplace_back("pooler_output", out.pooler_output);
     if (out.text_embeds.defined()) outputs.emplace_back("text_embeds", out.text_embeds);
+  } else if (args.kind == "controlnet") {
+    auto model = models::load_controlnet(args.model, {dtype, device, "", {}});
+    if (!named.count("controlnet_cond")) fail("{}: missing input 'controlnet_cond'", args.inputs);
+    const auto cond = named.at("controlnet_cond").to(device, torch::kFloat32);
+    double scale = 1.0;
+    if (named.count("conditioning_scale")) {
+      const auto s = named.at("conditioning_scale");
+      if (s.numel() != 1) fail("{}: input 'conditioning_scale' must hold one number", args.inputs);
+      scale = s.to(torch::kFloat64).item<double>();
+    }
+    named.erase("controlnet_cond");
+    named.erase("conditioning_scale");
+    auto inputs = unet_inputs(named, args.inputs, device);
+    if (!inputs.down_residuals.empty())
+      fail("{}: a ControlNet takes no residuals (down_N, mid)", args.inputs);
+    auto out = model->forward(inputs, cond, scale);
+    for (size_t i = 0; i < out.down.size(); ++i)
+      outputs.emplace_back(fmt::format("down_{}", i), out.down[i]);
+    outputs.emplace_back("mid", out.mid);
   } else if (args.kind == "vae-decode") {
-    auto vae = models::load_vae(args.model, {dtype, device, ""});
+    auto vae = models::load_vae(args.model, {dtype, device, "", {}});
     outputs.emplace_back("out", vae->decode(single_input(named, "latent", args.inputs, device)));
   } else if (args.kind == "vae-encode") {
-    auto vae = models::load_vae(args.model, {dtype, device, ""});
+    auto vae = models::load_vae(args.model, {dtype, device, "", {}});
     auto dist = vae->encode(single_input(named, "image", args.inputs, device));
     outputs.emplace_back("mean", dist.mean);
     outputs.emplace_back("logvar", dist.logvar);
   } else {
     fail_usage(
-        "forward: model kind '{}' is not available yet (supported: unet, clip-text, "
+        "forward: model kind '{}' is not available (supported: unet, clip-text, controlnet, "
         "vae-decode, vae-encode)",
         args.kind);
   }
@@ -139,7 +158,9 @@ void add_forward_command(CLI::App& app) {
       "Inputs/outputs: unet 'out'; vae-decode 'latent' (divided by scaling_factor) -> 'out'; "
       "vae-encode 'image' in [-1, 1] -> 'mean', 'logvar'; clip-text 'last_hidden_state', "
       "'penultimate_hidden_state', "
-      "'pooler_output' and, with a projection, 'text_embeds'.\n"
+      "'pooler_output' and, with a projection, 'text_embeds'; controlnet: the unet's inputs plus "
+      "'controlnet_cond' (RGB in [0, 1]) and optional 'conditioning_scale' -> 'down_0'..'down_N', "
+      "'mid'.\n"
       "Example: lightning forward unet --model models/tiny-unet --inputs in.safetensors "
       "--out out.safetensors");
   cmd->add_option("kind", args->kind, "Model kind: unet, vae-decode, vae-encode, clip-text")

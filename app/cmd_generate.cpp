@@ -35,13 +35,15 @@ struct GenerateArgs {
   std::optional<uint64_t> seed;
   int64_t batch = 1, height = 0, width = 0;
   std::string out, out_dir;
-  std::string dtype = "f32", device = "cpu";
+  std::string dtype = "f32", device = "cpu", weights_dtype;
   int threads = 0;
   std::vector<std::string> loras;
   bool lora_allow_partial = false;
   std::string preset, unet, config;
   bool vae_tiling = false;
   int64_t vae_tile_size = 512;
+  std::string control, control_model;
+  double control_scale = 1.0;
 };
 
 // Refuses an output location that cannot be written before any work is done.
@@ -66,6 +68,10 @@ void run_generate(const GenerateArgs& a) {
     check_writable_dir(a.out_dir, "--out-dir");
   }
   if (a.steps && *a.steps < 1) fail_usage("--steps must be >= 1, got {}", *a.steps);
+  if (a.control.empty() != a.control_model.empty())
+    fail_usage("--control IMAGE and --control-model DIR go together");
+  if (!a.control.empty() && !fs::is_regular_file(a.control))
+    fail_usage("--control {}: no such file", a.control);
   std::vector<generate::LoRASpec> loras;
   for (const auto& value : a.loras)
     loras.push_back(generate::LoRASpec::parse(value));
@@ -74,6 +80,7 @@ void run_generate(const GenerateArgs& a) {
   models::ModelLoadOptions load;
   load.device = device;
   load.dtype = parse_dtype(a.dtype, device);
+  load.weights_dtype = parse_weights_dtype(a.weights_dtype, load.dtype);
   if (!a.unet.empty() && !fs::is_regular_file(a.unet))
     fail_usage("--unet {}: no such file", a.unet);
   generate::TextToImageModel model;
@@ -86,6 +93,17 @@ void run_generate(const GenerateArgs& a) {
     model = generate::load_model(dir, load, {a.unet});
   }
   generate::apply_loras(model, loras, a.lora_allow_partial);
+  torch::Tensor control_image;
+  if (!a.control_model.empty()) {
+    if (!fs::exists(a.control_model))
+      fail_usage("--control-model {}: no such directory", a.control_model);
+    generate::attach_controlnet(model, models::load_controlnet(a.control_model, load),
+                                fs::path(a.control_model).lexically_normal().filename().string());
+    // RGB in [0, 1], as diffusers' control image processor (grey is repeated, alpha dropped).
+    auto pixels = io::read_png(a.control).pixels;
+    if (pixels.size(0) <= 2) pixels = pixels.narrow(0, 0, 1).expand({3, -1, -1});
+    control_image = pixels.narrow(0, 0, 3).to(torch::kFloat32) / 255.0;
+  }
 
   generate::GenerateRequest req;
   req.prompts.assign(static_cast<size_t>(a.batch), a.prompt);
@@ -103,6 +121,8 @@ void run_generate(const GenerateArgs& a) {
   if (a.vae_tiling)
     req.vae_tiling =
         models::VAETiling{a.vae_tile_size, std::max<int64_t>(8, a.vae_tile_size / 64 * 8)};
+  req.control_image = control_image;
+  req.control_scale = a.control_scale;
   if (!a.preset.empty()) generate::apply_preset(a.preset, req);
   const auto resolved = generate::resolve_request(model, req);
   std::vector<std::string> names;
@@ -179,6 +199,15 @@ void add_generate_command(CLI::App& app) {
                   "Tile size in pixels for --vae-tiling (overlap: 1/8 of it)")
       ->check(CLI::Range(int64_t{64}, int64_t{4096}))
       ->capture_default_str();
+  cmd->add_option("--control", args->control,
+                  "ControlNet conditioning image (PNG; e.g. canny edges, white on black); the "
+                  "default size is the image's");
+  cmd->add_option("--control-model", args->control_model,
+                  "ControlNet directory (diffusers ControlNetModel: config.json + "
+                  "diffusion_pytorch_model.safetensors)");
+  cmd->add_option("--control-scale", args->control_scale,
+                  "Scale of the ControlNet's residuals (controlnet_conditioning_scale)")
+      ->capture_default_str();
   cmd->add_option("--prompt", args->prompt, "The text prompt (\"\" = unconditional)")->required();
   cmd->add_option("--negative-prompt", args->negative_prompt,
                   "Prompt of the unconditional branch of classifier-free guidance");
@@ -209,6 +238,7 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--out", args->out, "Output PNG: the image, or a grid of the batch");
   cmd->add_option("--out-dir", args->out_dir, "Output directory: one PNG per image");
   add_dtype_device_options(*cmd, &args->dtype, &args->device);
+  add_weights_dtype_option(*cmd, &args->weights_dtype);
   add_threads_option(*cmd, &args->threads);
   cmd->callback([args] { run_generate(*args); });
 }

@@ -56,4 +56,27 @@ torch::ScalarType parse_dtype(const std::string& name, const torch::Device& devi
   fail_usage("--dtype {}: use f32, bf16 or f16", name);
 }
 
+void add_weights_dtype_option(CLI::App& command, std::string* weights_dtype) {
+  command
+      .add_option("--weights-dtype", *weights_dtype,
+                  "Hold the weights in f16 or bf16 while computing in f32: half the weight memory "
+                  "(an f16 file stays memory-mapped), the same images, somewhat slower "
+                  "(default: the --dtype)")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+}
+
+std::optional<torch::ScalarType> parse_weights_dtype(const std::string& name,
+                                                     torch::ScalarType compute) {
+  if (name.empty()) return std::nullopt;
+  const auto dtype = name == "f16"    ? torch::kFloat16
+                     : name == "bf16" ? torch::kBFloat16
+                     : name == "f32"
+                         ? torch::kFloat32
+                         : throw UsageError("--weights-dtype " + name + ": use f32, bf16 or f16");
+  if (dtype != compute && compute != torch::kFloat32)
+    fail_usage("--weights-dtype {} with --dtype {}: narrower weights only help f32 compute", name,
+               compute == torch::kFloat16 ? "f16" : "bf16");
+  return dtype;
+}
+
 }  // namespace lightning::app

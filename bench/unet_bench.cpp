@@ -181,7 +181,7 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
       models::UNet2DConditionModel unet{nullptr};
       if (!options.model_dir.empty()) {
         const auto start = Clock::now();
-        unet = models::load_unet(options.model_dir, {dtype, device, ""});
+        unet = models::load_unet(options.model_dir, {dtype, device, "", {}});
         BenchRow row;
         row.what = fmt::format("load {}", options.model_dir);
         row.dtype = dt;
@@ -276,8 +276,8 @@ double count_params(torch::nn::Module& module) {
 
 // A random-weight text-to-image pipeline: SDXL base 1.0's shapes ("sdxl": 2.6B UNet, CLIP-L and
 // OpenCLIP-bigG, the 84M VAE) or a tiny one of the same structure ("tiny-sdxl").
-generate::TextToImageModel random_pipeline(const std::string& preset, torch::ScalarType dtype,
-                                           torch::Device device, bool vae_upcast,
+generate::TextToImageModel random_pipeline(const std::string& preset,
+                                           const models::ModelLoadOptions& load, bool vae_upcast,
                                            const std::string& vocab) {
   using namespace models;
   UNetConfig unet_config;
@@ -313,11 +313,18 @@ generate::TextToImageModel random_pipeline(const std::string& preset, torch::Sca
   model.text_encoder = make_clip_text_uninitialised(te1);
   model.text_encoder_2 = make_clip_text_uninitialised(te2);
   model.vae = make_vae_uninitialised(vae_config);
-  randomise(*model.unet, dtype, device);
-  randomise(*model.text_encoder, dtype, device);
-  randomise(*model.text_encoder_2, dtype, device);
-  const bool upcast = dtype == torch::kFloat16 && vae_config.force_upcast;
-  randomise(*model.vae, upcast ? torch::kFloat32 : dtype, device);
+  // Weights as the loaders hold them: in load.weights_dtype, computing in load.dtype.
+  const auto held = load.weights().dtype;
+  const auto device = load.device;
+  const bool upcast = load.dtype == torch::kFloat16 && vae_config.force_upcast;
+  randomise(*model.unet, held, device);
+  randomise(*model.text_encoder, held, device);
+  randomise(*model.text_encoder_2, held, device);
+  randomise(*model.vae, upcast && !load.weights_dtype ? torch::kFloat32 : held, device);
+  model.unet->compute_dtype = load.dtype;
+  model.text_encoder->set_compute_dtype(load.dtype);
+  model.text_encoder_2->set_compute_dtype(load.dtype);
+  model.vae->compute_dtype = upcast ? torch::kFloat32 : load.dtype;
   for (torch::nn::Module* m : {static_cast<torch::nn::Module*>(model.unet.get()),
                                static_cast<torch::nn::Module*>(model.text_encoder.get()),
                                static_cast<torch::nn::Module*>(model.text_encoder_2.get()),
@@ -329,10 +336,12 @@ generate::TextToImageModel random_pipeline(const std::string& preset, torch::Sca
 generate::TextToImageModel bench_pipeline(const UNetBenchOptions& options, torch::ScalarType dtype,
                                           torch::Device device) {
   const std::string& what = options.pipeline;
-  if (std::filesystem::is_directory(what)) return generate::load_model(what, {dtype, device, ""});
+  models::ModelLoadOptions load{dtype, device, "", {}};
+  if (!options.weights_dtype.empty()) load.weights_dtype = dtype_of(options.weights_dtype);
+  if (std::filesystem::is_directory(what)) return generate::load_model(what, load);
   if (std::filesystem::is_regular_file(what))
-    return generate::load_single_file(what, {dtype, device, ""}, {"", options.vocab});
-  return random_pipeline(what, dtype, device, options.vae_upcast, options.vocab);
+    return generate::load_single_file(what, load, {"", options.vocab});
+  return random_pipeline(what, load, options.vae_upcast, options.vocab);
 }
 
 }  // namespace
@@ -344,13 +353,16 @@ std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
   torch::NoGradGuard no_grad;
   for (const auto& dt : options.dtypes) {
     const auto dtype = dtype_of(dt);
+    const std::string label = options.weights_dtype.empty() || options.weights_dtype == dt
+                                  ? dt
+                                  : fmt::format("{} (weights {})", dt, options.weights_dtype);
     reset_peaks(device);
     const auto load_start = Clock::now();
     auto model = bench_pipeline(options, dtype, device);
     {
       BenchRow row;
       row.what = fmt::format("load {}", model.name);
-      row.dtype = dt;
+      row.dtype = label;
       row.seconds = seconds_since(load_start);
       row.params_m = (count_params(*model.unet) + count_params(*model.text_encoder) +
                       (model.is_sdxl() ? count_params(*model.text_encoder_2) : 0.0) +
@@ -360,7 +372,7 @@ std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
       row.rss_gb = current_rss_bytes() / 1e9;
       row.peak_gpu_gb = peak_gpu_gb(device);
       rows.push_back(row);
-      progress(fmt::format("{} as {}: {:.1f} s, {:.0f}M parameters, RSS {:.2f} GB", row.what, dt,
+      progress(fmt::format("{} as {}: {:.1f} s, {:.0f}M parameters, RSS {:.2f} GB", row.what, label,
                            row.seconds, row.params_m, row.rss_gb));
     }
     auto images = options.images;
@@ -373,12 +385,18 @@ std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
       request.sampler = diffusion::SamplerKind::kEuler;
       request.timestep_spacing = diffusion::TimestepSpacing::kTrailing;
       request.height = request.width = size;
+      if (options.vae_tile > 0) {
+        const int64_t f = model.vae_scale();
+        request.vae_tiling =
+            models::VAETiling{options.vae_tile, std::max<int64_t>(f, options.vae_tile / 8 / f * f)};
+      }
       const auto resolved = generate::resolve_request(model, request);
-      const std::string name =
-          fmt::format("{} {}x{} {} steps{}", model.name, size, size, resolved.steps,
-                      diffusion::uses_guidance(*resolved.guidance_scale)
-                          ? fmt::format(" cfg {:g}", *resolved.guidance_scale)
-                          : std::string());
+      const std::string name = fmt::format(
+          "{} {}x{} {} steps{}{}", model.name, size, size, resolved.steps,
+          diffusion::uses_guidance(*resolved.guidance_scale)
+              ? fmt::format(" cfg {:g}", *resolved.guidance_scale)
+              : std::string(),
+          request.vae_tiling ? fmt::format(" vae tiles {}", request.vae_tiling->tile) : "");
       // End to end: prompt to pixels on the host. UNet steps are timed between the callbacks.
       reset_peaks(device);
       std::vector<double> totals, steps;
@@ -406,13 +424,13 @@ std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
       auto add = [&](const std::string& what, double seconds) {
         BenchRow row;
         row.what = what;
-        row.dtype = dt;
+        row.dtype = label;
         row.seconds = seconds;
         row.peak_rss_gb = peak_rss;
         row.rss_gb = current_rss_bytes() / 1e9;
         row.peak_gpu_gb = peak_gpu;
         rows.push_back(row);
-        progress(fmt::format("{} {}: {:.4f} s", what, dt, seconds));
+        progress(fmt::format("{} {}: {:.4f} s", what, label, seconds));
       };
       add(fmt::format("end to end {}", name), median(totals));
       // The parts, timed on their own.
@@ -424,7 +442,7 @@ std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
         sync(device);
         if (i >= options.warmup) encode_times.push_back(seconds_since(start));
         start = Clock::now();
-        generate::decode_latents(model, on_device);
+        generate::decode_latents(model, on_device, request.vae_tiling);
         sync(device);
         if (i >= options.warmup) decode_times.push_back(seconds_since(start));
       }

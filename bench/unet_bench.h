@@ -32,8 +32,9 @@ struct UNetBenchOptions {
   std::string pipeline;
   int64_t steps = 4;
   double guidance = 0;
-  bool vae_upcast = true;  // random presets: keep force_upcast (the VAE runs in f32 for f16)
-  std::string vocab;       // the CLIP vocabulary for random presets and single files
+  bool vae_upcast = true;     // random presets: keep force_upcast (the VAE runs in f32 for f16)
+  std::string weights_dtype;  // pipeline: hold weights in this dtype ("": the compute dtype)
+  std::string vocab;          // the CLIP vocabulary for random presets and single files
 };
 
 // Writes a random-weight UNet of `preset` as a diffusers model directory with weights stored in

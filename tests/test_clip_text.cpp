@@ -36,7 +36,7 @@ torch::Tensor output_by_name(const models::CLIPTextOutput& out, const std::strin
 
 // Compares every tensor of expected<suffix>.safetensors; returns the largest relative error.
 double max_error(const std::string& model, const std::string& suffix, torch::ScalarType dtype) {
-  auto clip = models::load_clip_text(fixture(model), {dtype, torch::kCPU, ""});
+  auto clip = models::load_clip_text(fixture(model), {dtype, torch::kCPU, "", {}});
   auto ids = io::load_safetensors(fixture(model + "/inputs" + suffix + ".safetensors"));
   auto expected = io::load_safetensors(fixture(model + "/expected" + suffix + ".safetensors"));
   torch::NoGradGuard no_grad;

@@ -37,17 +37,7 @@ const generate::TextToImageModel& tiny_sdxl() {
 }
 
 generate::GenerateRequest request_of(const std::string& suffix) {
-  auto c = io::read_json_file(pipeline_dir() + "/case" + suffix + ".json");
-  generate::GenerateRequest r;
-  r.prompts = {c["prompt"].get<std::string>()};
-  r.negative_prompt = c.value("negative_prompt", "");
-  r.guidance_scale = c["guidance_scale"].get<double>();
-  r.steps = c["num_inference_steps"].get<int64_t>();
-  r.height = c["height"].get<int64_t>();
-  r.width = c["width"].get<int64_t>();
-  r.seed = c["seed"].get<uint64_t>();
-  r.sampler = diffusion::SamplerKind::kEuler;
-  return r;
+  return test::request_from_case(pipeline_dir() + "/case" + suffix + ".json");
 }
 
 class SdxlPipelineParity : public ::testing::TestWithParam<const char*> {};
@@ -95,7 +85,7 @@ TEST(SdxlPipeline, EmptyNegativePromptIsZeros) {
 }
 
 TEST(SdxlPipeline, Bf16StaysClose) {
-  auto model = generate::load_model(pipeline_dir(), {torch::kBFloat16, torch::kCPU, ""});
+  auto model = generate::load_model(pipeline_dir(), {torch::kBFloat16, torch::kCPU, "", {}});
   auto r = request_of("");
   auto expected = io::load_safetensors(pipeline_dir() + "/expected.safetensors");
   torch::Tensor latents;
@@ -103,6 +93,42 @@ TEST(SdxlPipeline, Bf16StaysClose) {
   // Random weights, CFG 5 (which multiplies the UNet's bf16 error by 5) and 2 steps.
   EXPECT_LT(relative_error(latents, expected.at("latents")), 0.1);
   EXPECT_LT(relative_error((images / 2 + 0.5).clamp(0, 1), expected.at("image")), 0.25);
+}
+
+TEST(SdxlPipeline, WeightsHeldInF16GiveTheF32Images) {
+  // The fixture's files are f16: held as they are (views of the mapped files) and converted
+  // layer by layer, the f32 computation is exactly that of converting at load.
+  models::ModelLoadOptions load;
+  load.weights_dtype = torch::kFloat16;
+  for (const char* suffix : {"", "-negative"}) {
+    auto held = generate::load_model(pipeline_dir(), load);
+    EXPECT_EQ(held.unet->conv_in->weight.scalar_type(), torch::kFloat16);
+    EXPECT_EQ(held.text_encoder_2->text_model->final_layer_norm->weight.scalar_type(),
+              torch::kFloat16);
+    EXPECT_EQ(held.vae->decoder->conv_in->weight.scalar_type(), torch::kFloat16);
+    EXPECT_EQ(held.unet->dtype(), torch::kFloat32);
+    EXPECT_EQ(held.text_encoder->dtype(), torch::kFloat32);
+    EXPECT_EQ(held.vae->dtype(), torch::kFloat32);
+    const auto r = request_of(suffix);
+    torch::Tensor want_latents, got_latents;
+    const auto want = generate::generate(tiny_sdxl(), r, {}, &want_latents);
+    const auto got = generate::generate(held, r, {}, &got_latents);
+    EXPECT_TRUE(torch::equal(got_latents, want_latents)) << suffix;
+    EXPECT_TRUE(torch::equal(got, want)) << suffix;
+  }
+  // The single-file path too.
+  auto held = generate::load_single_file(
+      test::source_path("tests/fixtures/sdxl/tiny-sdxl-single-file.safetensors"), load,
+      {pipeline_dir(), ""});
+  EXPECT_EQ(held.unet->conv_in->weight.scalar_type(), torch::kFloat16);
+  EXPECT_TRUE(torch::equal(generate::generate(held, request_of("")),
+                           generate::generate(tiny_sdxl(), request_of(""))));
+  // bf16 or f16 compute with narrower-or-other weights is refused by the CLI.
+  auto cli = test::run_lightning("generate --model " + pipeline_dir() +
+                                 " --prompt x --weights-dtype f16 --dtype bf16 --out " +
+                                 test::temp_dir() + "/x.png");
+  EXPECT_EQ(cli.exit_code, 2) << cli.output;
+  EXPECT_THAT(cli.output, HasSubstr("--weights-dtype f16 with --dtype bf16"));
 }
 
 TEST(SdxlPipeline, SavedAndReloadedGivesTheSameImage) {

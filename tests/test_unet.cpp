@@ -23,17 +23,7 @@ using test::ParityCase;
 using test::relative_error;
 
 models::UNetInputs read_inputs(const std::string& path) {
-  auto named = io::load_safetensors(path);
-  models::UNetInputs in;
-  in.sample = named.at("sample");
-  in.timestep = named.at("timestep");
-  in.encoder_hidden_states = named.at("encoder_hidden_states");
-  if (named.count("text_embeds")) in.text_embeds = named.at("text_embeds");
-  if (named.count("time_ids")) in.time_ids = named.at("time_ids");
-  for (size_t i = 0; named.count("down_" + std::to_string(i)); ++i)
-    in.down_residuals.push_back(named.at("down_" + std::to_string(i)));
-  if (named.count("mid")) in.mid_residual = named.at("mid");
-  return in;
+  return test::unet_inputs(io::load_safetensors(path));
 }
 
 class UNetParity : public ::testing::TestWithParam<ParityCase> {};
@@ -52,7 +42,7 @@ TEST_P(UNetParity, MatchesDiffusersF32) {
 
 TEST_P(UNetParity, Bf16StaysClose) {
   const auto dir = test::source_path(std::string("tests/fixtures/unet/") + GetParam().model);
-  auto unet = models::load_unet(dir, {torch::kBFloat16, torch::kCPU, ""});
+  auto unet = models::load_unet(dir, {torch::kBFloat16, torch::kCPU, "", {}});
   auto in = read_inputs(dir + "/inputs" + GetParam().suffix + ".safetensors");
   auto expected =
       io::load_safetensors(dir + "/expected" + GetParam().suffix + ".safetensors").at("out");
@@ -218,7 +208,7 @@ TEST(UNetLoading, F16FileConvertsToComputeType) {
   const auto dir = test::source_path("tests/fixtures/unet/tiny-sdxl");  // stored as f16
   io::SafetensorsFile file(dir + "/diffusion_pytorch_model.safetensors");
   EXPECT_EQ(file.entry("conv_in.weight").dtype, io::DType::F16);
-  auto unet = models::load_unet(dir, {torch::kFloat32, torch::kCPU, ""});
+  auto unet = models::load_unet(dir, {torch::kFloat32, torch::kCPU, "", {}});
   EXPECT_EQ(unet->conv_in->weight.scalar_type(), torch::kFloat32);
   EXPECT_TRUE(torch::equal(unet->conv_in->weight, file.get("conv_in.weight").to(torch::kFloat32)));
 }

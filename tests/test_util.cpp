@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include "io/json_config.h"
+
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -30,6 +32,33 @@ std::string temp_dir() {
 double relative_error(const torch::Tensor& actual, const torch::Tensor& expected) {
   const auto a = actual.to(torch::kFloat64), e = expected.to(torch::kFloat64);
   return (a - e).abs().max().item<double>() / e.abs().max().item<double>();
+}
+
+models::UNetInputs unet_inputs(const std::map<std::string, torch::Tensor>& named) {
+  models::UNetInputs in;
+  in.sample = named.at("sample");
+  in.timestep = named.at("timestep");
+  in.encoder_hidden_states = named.at("encoder_hidden_states");
+  if (named.count("text_embeds")) in.text_embeds = named.at("text_embeds");
+  if (named.count("time_ids")) in.time_ids = named.at("time_ids");
+  for (size_t i = 0; named.count("down_" + std::to_string(i)); ++i)
+    in.down_residuals.push_back(named.at("down_" + std::to_string(i)));
+  if (named.count("mid")) in.mid_residual = named.at("mid");
+  return in;
+}
+
+generate::GenerateRequest request_from_case(const std::string& path) {
+  const auto c = io::read_json_file(path);
+  generate::GenerateRequest r;
+  r.prompts = {c["prompt"].get<std::string>()};
+  r.negative_prompt = c.value("negative_prompt", "");
+  r.guidance_scale = c["guidance_scale"].get<double>();
+  r.steps = c["num_inference_steps"].get<int64_t>();
+  r.height = c["height"].get<int64_t>();
+  r.width = c["width"].get<int64_t>();
+  r.seed = c["seed"].get<uint64_t>();
+  r.sampler = diffusion::SamplerKind::kEuler;
+  return r;
 }
 
 void PrintTo(const ParityCase& c, std::ostream* os) {

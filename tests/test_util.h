@@ -1,10 +1,14 @@
 // Helpers shared by the tests: paths, temporary directories, running the CLI.
 #pragma once
 
+#include <map>
 #include <ostream>
 #include <string>
 
 #include <torch/types.h>
+
+#include "generate/pipeline.h"
+#include "models/unet.h"
 
 namespace lightning::test {
 
@@ -28,6 +32,14 @@ struct ParityCase {
   const char* suffix;
 };
 void PrintTo(const ParityCase& c, std::ostream* os);
+
+// UNet inputs by diffusers' names (sample, timestep, encoder_hidden_states, text_embeds,
+// time_ids, down_0..down_N, mid); other names are left alone.
+models::UNetInputs unet_inputs(const std::map<std::string, torch::Tensor>& named);
+
+// A pipeline case file written by the fixture scripts (prompt, negative_prompt, guidance_scale,
+// num_inference_steps, height, width, seed) as a request with the Euler sampler.
+generate::GenerateRequest request_from_case(const std::string& path);
 
 // Runs build/lightning with the given argument string (passed through /bin/sh).
 CommandResult run_lightning(const std::string& args);

@@ -56,7 +56,7 @@ TEST_P(VAEParity, EncodeMatchesDiffusersF32) {
 TEST_P(VAEParity, Bf16StaysClose) {
   auto vae =
       models::load_vae(test::source_path(std::string("tests/fixtures/vae/") + GetParam().model),
-                       {torch::kBFloat16, torch::kCPU, ""});
+                       {torch::kBFloat16, torch::kCPU, "", {}});
   auto latent = io::load_safetensors(fixture(GetParam(), "inputs-decode")).at("latent");
   auto expected = io::load_safetensors(fixture(GetParam(), "expected-decode")).at("out");
   torch::NoGradGuard no_grad;

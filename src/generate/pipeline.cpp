@@ -262,7 +262,7 @@ void load_mapped(torch::nn::Module& module, const std::shared_ptr<io::WeightFile
                  io::KeyMap map, const std::string& prefix, const models::ModelLoadOptions& options,
                  const std::string& what, std::vector<std::string> ignored = {}) {
   io::MappedWeights mapped(files, std::move(map), prefix, std::move(ignored));
-  io::load_weights(module, mapped, {options.dtype, options.device}, what);
+  io::load_weights(module, mapped, options.weights(), what);
   module.eval();
 }
 
@@ -356,6 +356,10 @@ TextToImageModel load_single_file(const std::string& file, const models::ModelLo
   load_mapped(*model.vae, files,
               models::vae_original_key_map(*model.vae, models::kOriginalVAEPrefix),
               models::kOriginalVAEPrefix, vae_options, file + " (VAE)");
+  model.unet->compute_dtype = options.dtype;
+  model.text_encoder->set_compute_dtype(options.dtype);
+  if (sdxl) model.text_encoder_2->set_compute_dtype(options.dtype);
+  model.vae->compute_dtype = vae_options.dtype;
   check_components(model, file);
   return model;
 }
@@ -450,7 +454,10 @@ PromptEmbeds encode_negative(const TextToImageModel& model, const std::string& n
   // Zeros of the conditioning's shapes; no text encoder needs to run.
   const auto& t1 = model.text_encoder->config;
   const auto& t2 = model.text_encoder_2->config;
-  const auto options = model.text_encoder->text_model->final_layer_norm->weight.options();
+  const auto options =
+      torch::TensorOptions()
+          .dtype(model.text_encoder->dtype())
+          .device(model.text_encoder->text_model->final_layer_norm->weight.device());
   return {torch::zeros({1, t1.max_position_embeddings, t1.hidden_size + t2.hidden_size}, options),
           torch::zeros({1, t2.projection_dim}, options)};
 }
@@ -472,12 +479,13 @@ torch::Tensor decode_latents(const TextToImageModel& model, const torch::Tensor&
   };
   auto images = run();
   if (!torch::isfinite(images).all().item<bool>()) {
-    if (vae->decoder->conv_in->weight.scalar_type() != torch::kFloat16)
+    if (vae->dtype() != torch::kFloat16)
       fail("the VAE decode produced NaN or Inf values (the latents hold NaN or Inf?)");
     spdlog::warn(
         "the VAE overflowed in f16; decoding again in f32 (set force_upcast in "
         "vae/config.json to do this from the start)");
     vae->to(torch::kFloat32);
+    vae->compute_dtype = torch::kFloat32;
     images = run();
   }
   return images;
@@ -503,6 +511,19 @@ GenerateRequest resolve_request(const TextToImageModel& model, GenerateRequest r
   if (!r.sampler) r.sampler = model.recommended.sampler;
   if (!r.timestep_spacing) r.timestep_spacing = model.scheduler.timestep_spacing;
   if (!r.prediction_type) r.prediction_type = model.scheduler.prediction_type;
+  if (r.control_image.defined()) {
+    if (model.controlnet.is_empty())
+      fail_usage("--control: the model has no ControlNet (give --control-model DIR)");
+    if (r.control_image.dim() != 3 ||
+        r.control_image.size(0) != model.controlnet->config.conditioning_channels)
+      fail_usage("--control: expected a {}-channel image, got [{}]",
+                 model.controlnet->config.conditioning_channels,
+                 fmt::join(r.control_image.sizes(), ", "));
+    if (!std::isfinite(r.control_scale))
+      fail_usage("--control-scale must be a finite number, got {}", r.control_scale);
+    if (r.height == 0) r.height = r.control_image.size(1);
+    if (r.width == 0) r.width = r.control_image.size(2);
+  }
   if (r.height == 0) r.height = model.sample_size();
   if (r.width == 0) r.width = model.sample_size();
   const int64_t m = model.size_multiple();
@@ -571,11 +592,11 @@ torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& req
   const auto scheduler = effective_scheduler(model, r);
   const auto sampler = diffusion::make_sampler(*r.sampler, scheduler, r.steps);
   const bool cfg = diffusion::uses_guidance(*r.guidance_scale);
-  const auto param = model.unet->conv_in->weight;
-  const auto device = param.device();
-  const auto dtype = param.scalar_type();
+  const auto device = model.unet->conv_in->weight.device();
+  const auto dtype = model.unet->dtype();
   torch::NoGradGuard no_grad;
   auto unet = model.unet;  // holders share the module; forward is non-const
+  auto controlnet = model.controlnet;
 
   const auto n = static_cast<int64_t>(r.prompts.size());
   const int64_t c = model.latent_channels();
@@ -602,6 +623,18 @@ torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& req
                      .to(device, dtype)
                      .expand({context.size(0), 6});
     }
+    torch::Tensor control;  // [rows of the UNet batch, C, H, W] on the device
+    if (r.control_image.defined()) {
+      control = r.control_image.to(torch::kFloat32).unsqueeze(0);
+      if (control.size(2) != r.height || control.size(3) != r.width)
+        control = torch::nn::functional::interpolate(
+            control, torch::nn::functional::InterpolateFuncOptions()
+                         .size(std::vector<int64_t>{r.height, r.width})
+                         .mode(torch::kBilinear)
+                         .align_corners(false)
+                         .antialias(true));
+      control = control.to(device).expand({context.size(0), -1, -1, -1});
+    }
     std::vector<torch::Tensor> noise;
     for (int64_t i = 0; i < b; ++i)
       noise.push_back(
@@ -617,6 +650,11 @@ torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& req
       inputs.encoder_hidden_states = context;
       inputs.text_embeds = pooled;
       inputs.time_ids = time_ids;
+      if (control.defined()) {
+        auto residuals = controlnet->forward(inputs, control, r.control_scale);
+        inputs.down_residuals = std::move(residuals.down);
+        inputs.mid_residual = residuals.mid;
+      }
       auto out = unet->forward(inputs).to(torch::kFloat32);
       if (cfg) out = diffusion::guide_batched(out, *r.guidance_scale);
       x = sampler->step(out, i, x).prev_sample;
@@ -627,6 +665,35 @@ torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& req
   auto all = torch::cat(latents);
   if (latents_out) *latents_out = all.cpu();
   return decode_latents(model, all, r.vae_tiling).cpu();
+}
+
+void attach_controlnet(TextToImageModel& model, models::ControlNetModel controlnet,
+                       const std::string& name) {
+  if (!model.is_latent())
+    fail("{}: a ControlNet needs a latent model (with a VAE); {} is a pixel-space model", name,
+         model.name);
+  const auto& c = controlnet->config;
+  const auto& u = model.unet->config;
+  if (controlnet->encoder->skip_channels() != model.unet->skip_channels() ||
+      c.unet.block_out_channels.back() != u.block_out_channels.back())
+    fail(
+        "{}: its residuals (channels {}) do not fit the UNet's skips ({}): a ControlNet for "
+        "another architecture",
+        name, fmt::join(controlnet->encoder->skip_channels(), ","),
+        fmt::join(model.unet->skip_channels(), ","));
+  if (c.unet.in_channels != u.in_channels || c.unet.cross_attention_dim != u.cross_attention_dim ||
+      c.unet.addition_embed_type != u.addition_embed_type ||
+      c.unet.projection_class_embeddings_input_dim != u.projection_class_embeddings_input_dim)
+    fail(
+        "{}: its inputs (in_channels {}, cross_attention_dim {}, addition_embed_type '{}') do "
+        "not fit the UNet's ({}, {}, '{}')",
+        name, c.unet.in_channels, c.unet.cross_attention_dim[0], c.unet.addition_embed_type,
+        u.in_channels, u.cross_attention_dim[0], u.addition_embed_type);
+  if (c.downscale() != model.vae_scale())
+    fail("{}: its conditioning embedding downsamples by {}, the VAE by {}", name, c.downscale(),
+         model.vae_scale());
+  model.controlnet = std::move(controlnet);
+  model.controlnet_name = name;
 }
 
 LoRASpec LoRASpec::parse(const std::string& value) {
@@ -686,6 +753,9 @@ std::string parameters_text(const TextToImageModel& model, const GenerateRequest
       diffusion::to_string(*r.prediction_type));
   if (!model.unet_file.empty()) text += fmt::format(", UNet: {}", model.unet_file);
   if (!model.loras.empty()) text += fmt::format(", LoRA: {}", fmt::join(model.loras, ", "));
+  if (r.control_image.defined())
+    text += fmt::format(", ControlNet: {}, Control scale: {:g}", model.controlnet_name,
+                        r.control_scale);
   if (r.vae_tiling)
     text +=
         fmt::format(", VAE tiling: {} px, overlap {}", r.vae_tiling->tile, r.vae_tiling->overlap);

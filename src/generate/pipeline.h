@@ -29,6 +29,7 @@
 #include "diffusion/samplers.h"
 #include "diffusion/scheduler_config.h"
 #include "models/clip_text.h"
+#include "models/controlnet.h"
 #include "models/model_loader.h"
 #include "models/unet.h"
 #include "models/vae.h"
@@ -63,6 +64,9 @@ struct TextToImageModel {
   std::string name;                // directory name, for metadata
   std::vector<std::string> loras;  // applied LoRA files as "file-name:scale", for metadata
   std::string unet_file;           // a --unet replacement, for metadata
+  // A ControlNet applied to the UNet when a request has a control image (attach_controlnet).
+  models::ControlNetModel controlnet{nullptr};
+  std::string controlnet_name;  // for metadata
 
   bool is_sdxl() const { return !text_encoder_2.is_empty(); }
   bool is_latent() const { return !vae.is_empty(); }
@@ -111,6 +115,11 @@ TextToImageModel load_single_file(const std::string& file, const models::ModelLo
 // The scheduler of stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5 (the same
 // scaled_linear schedule; SD 1.5's is a PNDM config, for which Euler is the usual choice).
 diffusion::SchedulerConfig builtin_scheduler();
+
+// Attaches a ControlNet to the model. Throws Error naming `name` when its residuals or its
+// conditioning do not fit the UNet (another architecture), or the model is not a latent one.
+void attach_controlnet(TextToImageModel& model, models::ControlNetModel controlnet,
+                       const std::string& name);
 
 // A LoRA to merge into a loaded model: `--lora FILE[:SCALE]`.
 struct LoRASpec {
@@ -165,11 +174,17 @@ struct GenerateRequest {
   int64_t height = 0, width = 0;                // 0: the model's sample_size
   int64_t max_batch = 64;                       // images per UNet call (CFG doubles it)
   std::optional<models::VAETiling> vae_tiling;  // latent models: decode tile by tile
+  // ControlNet conditioning (the model needs attach_controlnet): an image [C, H, W] in [0, 1]
+  // (RGB, as diffusers' control image processor gives it), resized to the output size when it
+  // differs (bilinear; diffusers resizes with Lanczos), and the residuals' scale.
+  torch::Tensor control_image;
+  double control_scale = 1.0;
 };
 
 // The request with every default filled in from the model, checked: steps >= 1 and <= the
 // schedule's length, guidance >= 0 and finite, height/width positive multiples of
-// size_multiple(). Throws UsageError naming the flag.
+// size_multiple() (default: the control image's size, else the model's). Throws UsageError
+// naming the flag.
 GenerateRequest resolve_request(const TextToImageModel& model, GenerateRequest request);
 // `--preset lightning-1step|2step|4step|8step`: SDXL-Lightning's sampling settings (Euler,
 // trailing spacing, N steps, no CFG; sample (x0) prediction for the 1-step UNet), filled into the

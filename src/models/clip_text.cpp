@@ -203,10 +203,16 @@ void CLIPTextEmbeddingsImpl::accept_position_ids(const std::vector<int64_t>& sha
   register_buffer("position_ids", torch::zeros(shape, torch::kLong));
 }
 
-torch::Tensor CLIPTextEmbeddingsImpl::forward(const torch::Tensor& input_ids) {
+torch::Tensor CLIPTextEmbeddingsImpl::forward(const torch::Tensor& input_ids,
+                                              std::optional<torch::ScalarType> dtype) {
   const int64_t T = input_ids.size(1);
   auto positions = torch::arange(T, input_ids.options().dtype(torch::kLong));
-  return token_embedding(input_ids) + position_embedding(positions).unsqueeze(0);
+  auto tokens = token_embedding(input_ids), places = position_embedding(positions);
+  if (dtype) {
+    tokens = tokens.to(*dtype);
+    places = places.to(*dtype);
+  }
+  return tokens + places.unsqueeze(0);
 }
 
 CLIPAttentionImpl::CLIPAttentionImpl(const CLIPTextConfig& config_) : config(config_) {
@@ -292,7 +298,7 @@ void CLIPTextTransformerImpl::reset() {
 
 CLIPTextOutput CLIPTextTransformerImpl::forward(const torch::Tensor& input_ids) {
   CLIPTextOutput out;
-  auto h = embeddings(input_ids);  // [B, T, hidden]
+  auto h = embeddings(input_ids, compute_dtype);  // [B, T, hidden]
   // hidden_states = [embeddings, layer 0, ..., layer L-1]; [-2] is the last layer's input.
   for (auto& layer : encoder->layer_list) {
     out.penultimate_hidden_state = h;
@@ -313,6 +319,7 @@ std::shared_ptr<torch::nn::Module> CLIPTextModelImpl::clone(
     copy = std::make_shared<CLIPTextModelImpl>(config);
   }
   nn::copy_tensors(*copy, *this, device);
+  copy->text_model->compute_dtype = text_model->compute_dtype;
   copy->train(is_training());
   return copy;
 }

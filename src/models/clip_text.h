@@ -64,7 +64,9 @@ class CLIPTextEmbeddingsImpl : public torch::nn::Cloneable<CLIPTextEmbeddingsImp
  public:
   explicit CLIPTextEmbeddingsImpl(const CLIPTextConfig& config);
   void reset() override;
-  torch::Tensor forward(const torch::Tensor& input_ids);  // [B, T] -> [B, T, hidden]
+  // [B, T] -> [B, T, hidden], in `dtype` when given (both lookups are converted before the sum).
+  torch::Tensor forward(const torch::Tensor& input_ids,
+                        std::optional<torch::ScalarType> dtype = std::nullopt);
   void accept_position_ids(const std::vector<int64_t>& shape);
 
   CLIPTextConfig config;
@@ -136,6 +138,8 @@ class CLIPTextTransformerImpl : public torch::nn::Cloneable<CLIPTextTransformerI
   void reset() override;
   CLIPTextOutput forward(const torch::Tensor& input_ids);
 
+  // The dtype the layers compute in (the embeddings are converted to it); unset: the weights'.
+  std::optional<torch::ScalarType> compute_dtype;
   CLIPTextConfig config;
   CLIPTextEmbeddings embeddings{nullptr};
   CLIPEncoder encoder{nullptr};
@@ -156,6 +160,11 @@ class CLIPTextModelImpl : public torch::nn::Cloneable<CLIPTextModelImpl> {
   // naming 'input_ids' otherwise.
   CLIPTextOutput forward(const torch::Tensor& input_ids);
   bool has_projection() const { return config.with_projection.value_or(false); }
+  // See CLIPTextTransformerImpl::compute_dtype (set by the loaders).
+  void set_compute_dtype(torch::ScalarType dtype) { text_model->compute_dtype = dtype; }
+  torch::ScalarType dtype() const {
+    return text_model->compute_dtype.value_or(text_model->final_layer_norm->weight.scalar_type());
+  }
 
   CLIPTextConfig config;
   CLIPTextTransformer text_model{nullptr};

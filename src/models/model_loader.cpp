@@ -65,7 +65,8 @@ auto load_diffusers_component(const std::string& dir_in, const std::string& comp
   const auto config_path = (fs::path(dir) / "config.json").string();
   auto model = make(Config::from_json(io::read_json_file(config_path), config_path));
   io::WeightFiles weights(find_weight_files(dir, "diffusion_pytorch_model", options.variant));
-  io::load_weights(*model, weights, {options.dtype, options.device}, dir);
+  io::load_weights(*model, weights, options.weights(), dir);
+  model->compute_dtype = options.dtype;
   model->eval();
   return model;
 }
@@ -90,7 +91,8 @@ UNet2DConditionModel load_unet_file(const std::string& config_dir, const std::st
   const auto config_path = (fs::path(dir) / "config.json").string();
   const auto config = UNetConfig::from_json(io::read_json_file(config_path), config_path);
   auto unet = make_unet_uninitialised(config);
-  load_unet_weights(*unet, file, {options.dtype, options.device});
+  load_unet_weights(*unet, file, options.weights());
+  unet->compute_dtype = options.dtype;
   unet->eval();
   return unet;
 }
@@ -122,7 +124,8 @@ CLIPTextModel load_clip_text(const std::string& dir_in, const ModelLoadOptions& 
   const std::string position_ids = "text_model.embeddings.position_ids";
   if (weights.contains(position_ids))
     model->text_model->embeddings->accept_position_ids(weights.entry(position_ids).shape);
-  io::load_weights(*model, weights, {options.dtype, options.device}, dir);
+  io::load_weights(*model, weights, options.weights(), dir);
+  model->set_compute_dtype(options.dtype);
   model->eval();
   return model;
 }
@@ -134,6 +137,22 @@ AutoencoderKL make_vae_uninitialised(const VAEConfig& config) {
 
 AutoencoderKL load_vae(const std::string& dir, const ModelLoadOptions& options) {
   return load_diffusers_component<VAEConfig>(dir, "vae", options, make_vae_uninitialised);
+}
+
+ControlNetModel load_controlnet(const std::string& dir_in, const ModelLoadOptions& options) {
+  const auto dir = resolve_component_dir(dir_in, "controlnet");
+  const auto config_path = (fs::path(dir) / "config.json").string();
+  const auto config = ControlNetConfig::from_json(io::read_json_file(config_path), config_path);
+  ControlNetModel model{nullptr};
+  {
+    nn::SkipInitGuard skip_init;
+    model = ControlNetModel(config);
+  }
+  io::WeightFiles weights(find_weight_files(dir, "diffusion_pytorch_model", options.variant));
+  io::load_weights(*model, weights, options.weights(), dir);
+  model->set_compute_dtype(options.dtype);
+  model->eval();
+  return model;
 }
 
 void save_vae(const AutoencoderKL& vae, const std::string& dir,

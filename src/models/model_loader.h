@@ -3,6 +3,7 @@
 // .safetensors.index.json. A pipeline root with a unet/ folder is accepted for the UNet.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,7 @@
 
 #include "io/state_dict.h"
 #include "models/clip_text.h"
+#include "models/controlnet.h"
 #include "models/unet.h"
 #include "models/vae.h"
 
@@ -19,6 +21,13 @@ struct ModelLoadOptions {
   torch::ScalarType dtype = torch::kFloat32;  // compute dtype (f16 files are converted)
   torch::Device device = torch::kCPU;
   std::string variant;  // "" (prefer full precision, else the only file there) or e.g. "fp16"
+  // The dtype the weights are held in; unset: `dtype`. A narrower one keeps e.g. an f16
+  // checkpoint in f16 (a view of the memory-mapped file, no copy) while the model computes in
+  // `dtype`: each layer converts its weights as it uses them (nn::as_input), which gives exactly
+  // the numbers of converting at load with half the weight memory, for some conversion time.
+  std::optional<torch::ScalarType> weights_dtype;
+
+  io::LoadOptions weights() const { return {weights_dtype.value_or(dtype), device}; }
 };
 
 // The weight files of a diffusers component directory, e.g. ("unet", "diffusion_pytorch_model").
@@ -62,6 +71,9 @@ CLIPTextModel make_clip_text_uninitialised(const CLIPTextConfig& config);
 // Builds an AutoencoderKL from DIR/config.json (or DIR/vae/config.json) and loads
 // DIR/diffusion_pytorch_model[.<variant>].safetensors strictly.
 AutoencoderKL load_vae(const std::string& dir, const ModelLoadOptions& options);
+// A diffusers ControlNetModel directory (config.json + diffusion_pytorch_model[.variant]
+// .safetensors), or a pipeline root with a controlnet/ folder.
+ControlNetModel load_controlnet(const std::string& dir, const ModelLoadOptions& options);
 AutoencoderKL make_vae_uninitialised(const VAEConfig& config);
 void save_vae(const AutoencoderKL& vae, const std::string& dir,
               c10::optional<torch::ScalarType> dtype = c10::nullopt);

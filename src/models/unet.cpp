@@ -104,6 +104,7 @@ std::shared_ptr<torch::nn::Module> UNet2DConditionModelImpl::clone(
     copy = std::make_shared<UNet2DConditionModelImpl>(config, encoder_only);
   }
   nn::copy_tensors(*copy, *this, device);
+  copy->compute_dtype = compute_dtype;
   copy->train(is_training());
   return copy;
 }
@@ -152,12 +153,23 @@ void UNet2DConditionModelImpl::check_inputs(const UNetInputs& in) const {
          num_skip_states(), num_skip_states() - 1, in.down_residuals.size());
 }
 
-UNet2DConditionModelImpl::Encoded UNet2DConditionModelImpl::run_down(const UNetInputs& in) {
+namespace {
+// A residual of the state's shape, or pooled to 1x1 (a ControlNet with global_pool_conditions),
+// which diffusers adds by broadcasting.
+bool residual_fits(const torch::Tensor& residual, const torch::Tensor& state) {
+  if (residual.sizes() == state.sizes()) return true;
+  return residual.dim() == 4 && residual.size(0) == state.size(0) &&
+         residual.size(1) == state.size(1) && residual.size(2) == 1 && residual.size(3) == 1;
+}
+}  // namespace
+
+UNet2DConditionModelImpl::Encoded UNet2DConditionModelImpl::run_down(
+    const UNetInputs& in, const torch::Tensor& added_after_conv_in) {
   check_inputs(in);
   const auto& c = config;
   auto sample = in.sample;
   const int64_t B = sample.size(0);
-  const auto dtype = conv_in->weight.scalar_type();
+  const auto dtype = this->dtype();
   if (sample.scalar_type() != dtype) sample = sample.to(dtype);
   if (c.center_input_sample) sample = 2 * sample - 1.0;
 
@@ -182,6 +194,12 @@ UNet2DConditionModelImpl::Encoded UNet2DConditionModelImpl::run_down(const UNetI
   auto context = in.encoder_hidden_states.to(dtype);
 
   sample = conv_in(sample);
+  if (added_after_conv_in.defined()) {
+    if (added_after_conv_in.sizes() != sample.sizes())
+      fail("ControlNet conditioning embedding: expected {}, got {}", shape_str(sample),
+           shape_str(added_after_conv_in));
+    sample = sample + added_after_conv_in.to(sample.scalar_type());
+  }
   std::vector<torch::Tensor> skips = {sample};
   for (auto& block : down_list) {
     auto [h, states] = block(sample, emb, context);
@@ -205,10 +223,10 @@ torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   const int64_t factor = int64_t{1} << (c.num_blocks() - 1);
   const bool forward_upsample_size =
       in.sample.size(2) % factor != 0 || in.sample.size(3) % factor != 0;
-  const auto dtype = conv_in->weight.scalar_type();
+  const auto dtype = this->dtype();
   if (!in.down_residuals.empty()) {
     for (size_t i = 0; i < skips.size(); ++i) {
-      if (in.down_residuals[i].sizes() != skips[i].sizes())
+      if (!residual_fits(in.down_residuals[i], skips[i]))
         fail("ControlNet residual 'down_{}': expected {}, got {}", i, shape_str(skips[i]),
              shape_str(in.down_residuals[i]));
       skips[i] = skips[i] + in.down_residuals[i].to(dtype);
@@ -216,7 +234,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   }
   if (mid_block) sample = mid_block(sample, emb, context);
   if (in.mid_residual.defined()) {
-    if (in.mid_residual.sizes() != sample.sizes())
+    if (!residual_fits(in.mid_residual, sample))
       fail("ControlNet residual 'mid': expected {}, got {}", shape_str(sample),
            shape_str(in.mid_residual));
     sample = sample + in.mid_residual.to(dtype);

@@ -4,6 +4,8 @@
 
 #include <vector>
 
+#include <optional>
+
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/types.h>
@@ -54,6 +56,11 @@ class UNet2DConditionModelImpl : public torch::nn::Cloneable<UNet2DConditionMode
   // Channels of each skip state, in order (for ControlNet residual shapes).
   std::vector<int64_t> skip_channels() const;
 
+  // The dtype forward computes in (inputs are converted to it); unset: the weights' dtype. Set
+  // by the loaders (models::ModelLoadOptions::weights_dtype keeps weights narrower).
+  std::optional<torch::ScalarType> compute_dtype;
+  torch::ScalarType dtype() const { return compute_dtype.value_or(conv_in->weight.scalar_type()); }
+
   UNetConfig config;
   bool encoder_only = false;
   nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
@@ -64,13 +71,14 @@ class UNet2DConditionModelImpl : public torch::nn::Cloneable<UNet2DConditionMode
   nn::GroupNorm conv_norm_out{nullptr};
   torch::nn::ModuleList down_blocks{nullptr}, up_blocks{nullptr};
 
- private:
   struct Encoded {
     torch::Tensor sample, emb, context;
     std::vector<torch::Tensor> skips;
   };
   // Everything up to the down blocks' output (skips included), before residuals and mid block.
-  Encoded run_down(const UNetInputs& inputs);
+  // `added_after_conv_in` (a ControlNet's conditioning embedding, [B, C0, H, W]) is added to
+  // conv_in's output before the down blocks when given.
+  Encoded run_down(const UNetInputs& inputs, const torch::Tensor& added_after_conv_in = {});
 };
 TORCH_MODULE(UNet2DConditionModel);
 

@@ -350,12 +350,12 @@ void AutoencoderKLImpl::reset() {
 }
 
 torch::Tensor AutoencoderKLImpl::encode_moments(const torch::Tensor& image) {
-  auto h = encoder(image.to(encoder->conv_in->weight.scalar_type()));
+  auto h = encoder(image.to(dtype()));
   return quant_conv ? quant_conv(h) : h;
 }
 
 torch::Tensor AutoencoderKLImpl::decode_latent(const torch::Tensor& latent) {
-  auto z = latent.to(decoder->conv_in->weight.scalar_type());
+  auto z = latent.to(dtype());
   return decoder(post_quant_conv ? post_quant_conv(z) : z);
 }
 
@@ -471,7 +471,7 @@ LatentDistribution AutoencoderKLImpl::encode_tiled(const torch::Tensor& image,
   auto moments = run_tiled(image, tile_span(image.size(2) / f, tile, overlap),
                            tile_span(image.size(3) / f, tile, overlap), f, 1,
                            [&](const torch::Tensor& t) { return encode_moments(t); });
-  return split_moments(moments.to(encoder->conv_in->weight.scalar_type()));
+  return split_moments(moments.to(dtype()));
 }
 
 torch::Tensor AutoencoderKLImpl::decode_tiled(const torch::Tensor& latent,
@@ -484,7 +484,7 @@ torch::Tensor AutoencoderKLImpl::decode_tiled(const torch::Tensor& latent,
   return run_tiled(latent, tile_span(latent.size(2), tile, overlap),
                    tile_span(latent.size(3), tile, overlap), 1, f,
                    [&](const torch::Tensor& t) { return decode_latent(t); })
-      .to(decoder->conv_in->weight.scalar_type());
+      .to(dtype());
 }
 
 }  // namespace lightning::models

@@ -9,6 +9,7 @@
 // difference free of seams.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -169,6 +170,12 @@ class AutoencoderKLImpl : public torch::nn::Cloneable<AutoencoderKLImpl> {
   // As encode / decode, tile by tile when a side exceeds tiling.tile (pixels).
   LatentDistribution encode_tiled(const torch::Tensor& image, const VAETiling& tiling);
   torch::Tensor decode_tiled(const torch::Tensor& latent, const VAETiling& tiling);
+
+  // The dtype encode/decode compute in (inputs are converted to it); unset: the weights' dtype.
+  std::optional<torch::ScalarType> compute_dtype;
+  torch::ScalarType dtype() const {
+    return compute_dtype.value_or(decoder->conv_in->weight.scalar_type());
+  }
 
   VAEConfig config;
   VAEEncoder encoder{nullptr};

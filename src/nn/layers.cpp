@@ -77,6 +77,11 @@ LinearImpl::LinearImpl(int64_t in_features_, int64_t out_features_, bool bias_)
   reset();
 }
 
+torch::Tensor as_input(const torch::Tensor& parameter, const torch::Tensor& x) {
+  if (!parameter.defined() || parameter.scalar_type() == x.scalar_type()) return parameter;
+  return parameter.to(x.scalar_type());
+}
+
 void LinearImpl::reset() {
   adapter.reset();  // clone() calls reset(): a clone never shares its original's adapter
   weight = register_parameter("weight", torch::empty({out_features, in_features}));
@@ -86,7 +91,7 @@ void LinearImpl::reset() {
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   if (flops::enabled()) flops::add(2.0 * (x.numel() / in_features) * in_features * out_features);
-  auto y = torch::linear(x, weight, bias);
+  auto y = torch::linear(x, as_input(weight, x), as_input(bias, x));
   if (adapter) {
     const auto& a = *adapter;
     auto delta = torch::linear(torch::linear(x.to(a.down.scalar_type()), a.down), a.up);
@@ -115,7 +120,8 @@ void Conv2dImpl::reset() {
 }
 
 torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
-  auto y = torch::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+  auto y = torch::conv2d(x, as_input(weight, x), as_input(bias, x), {stride, stride},
+                         {padding, padding});
   if (flops::enabled()) flops::add(2.0 * y.numel() * in_channels * kernel_size * kernel_size);
   if (adapter) {
     const auto& a = *adapter;
@@ -139,7 +145,7 @@ void GroupNormImpl::reset() {
 }
 
 torch::Tensor GroupNormImpl::forward(const torch::Tensor& x) {
-  return torch::group_norm(x, num_groups, weight, bias, eps);
+  return torch::group_norm(x, num_groups, as_input(weight, x), as_input(bias, x), eps);
 }
 
 LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_, bool elementwise_affine_)
@@ -155,7 +161,7 @@ void LayerNormImpl::reset() {
 }
 
 torch::Tensor LayerNormImpl::forward(const torch::Tensor& x) {
-  return torch::layer_norm(x, {dim}, weight, bias, eps);
+  return torch::layer_norm(x, {dim}, as_input(weight, x), as_input(bias, x), eps);
 }
 
 EmbeddingImpl::EmbeddingImpl(int64_t num_embeddings_, int64_t embedding_dim_)

@@ -56,6 +56,12 @@ struct LowRankAdapter {
 void copy_tensors(torch::nn::Module& dst, const torch::nn::Module& src,
                   const c10::optional<torch::Device>& device = c10::nullopt);
 
+// `parameter` in x's dtype: itself when they match or it is undefined, else a converted copy.
+// Layers apply it to their weights so that a model can keep its weights in a narrower dtype
+// than it computes in (f16 weights, f32 compute on CPU: half the memory, the same numbers as
+// converting at load) - see models::ModelLoadOptions::weights_dtype.
+torch::Tensor as_input(const torch::Tensor& parameter, const torch::Tensor& x);
+
 // Mirrors torch.nn.Linear: y = x W^T + b, W [out, in], PyTorch's default init.
 class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
  public:
