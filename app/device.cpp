@@ -39,21 +39,27 @@ torch::Device parse_device(const std::string& name) {
   fail_usage("--device {}: not a device (use cpu or cuda[:N])", name);
 }
 
-torch::ScalarType parse_dtype(const std::string& name, const torch::Device& device) {
+namespace {
+// f32 / bf16 / f16, else a UsageError naming `flag`.
+torch::ScalarType dtype_named(const std::string& name, const char* flag) {
   if (name == "f32") return torch::kFloat32;
-  if (name == "bf16") {
+  if (name == "bf16") return torch::kBFloat16;
+  if (name == "f16") return torch::kFloat16;
+  fail_usage("{} {}: use f32, bf16 or f16", flag, name);
+}
+}  // namespace
+
+torch::ScalarType parse_dtype(const std::string& name, const torch::Device& device) {
+  const auto dtype = dtype_named(name, "--dtype");
+  if (dtype == torch::kBFloat16) {
     if (device.is_cpu() && !cpu_has_avx512_bf16())
       spdlog::warn(
           "--dtype bf16: this CPU has no AVX512-BF16, so bf16 matmul/convolution run through slow "
           "reference kernels (~20x slower than f32 here, docs/benchmarks.md); f32 is faster");
-    return torch::kBFloat16;
   }
-  if (name == "f16") {
-    if (device.is_cpu())
-      fail_usage("--dtype f16: libtorch has no f16 convolution/matmul on CPU; use bf16 or f32");
-    return torch::kFloat16;
-  }
-  fail_usage("--dtype {}: use f32, bf16 or f16", name);
+  if (dtype == torch::kFloat16 && device.is_cpu())
+    fail_usage("--dtype f16: libtorch has no f16 convolution/matmul on CPU; use bf16 or f32");
+  return dtype;
 }
 
 void add_weights_dtype_option(CLI::App& command, std::string* weights_dtype) {
@@ -68,11 +74,7 @@ void add_weights_dtype_option(CLI::App& command, std::string* weights_dtype) {
 std::optional<torch::ScalarType> parse_weights_dtype(const std::string& name,
                                                      torch::ScalarType compute) {
   if (name.empty()) return std::nullopt;
-  const auto dtype = name == "f16"    ? torch::kFloat16
-                     : name == "bf16" ? torch::kBFloat16
-                     : name == "f32"
-                         ? torch::kFloat32
-                         : throw UsageError("--weights-dtype " + name + ": use f32, bf16 or f16");
+  const auto dtype = dtype_named(name, "--weights-dtype");
   if (dtype != compute && compute != torch::kFloat32)
     fail_usage("--weights-dtype {} with --dtype {}: narrower weights only help f32 compute", name,
                compute == torch::kFloat16 ? "f16" : "bf16");

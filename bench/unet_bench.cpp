@@ -98,8 +98,6 @@ models::UNetInputs random_inputs(const models::UNetConfig& config, int64_t batch
   return in;
 }
 
-// Runs `run` warmup + repeat times (FLOPs counted on the first call) and returns the row with
-// the median time, GFLOP/s and memory; the caller names it.
 void sync(torch::Device device) {
   if (device.is_cuda()) torch::cuda::synchronize();
 }
@@ -117,6 +115,21 @@ double peak_gpu_gb(torch::Device device) {
                           : 0.0;
 }
 
+// Median seconds of `run` over options.repeat synchronised calls after options.warmup.
+double median_seconds(const UNetBenchOptions& options, torch::Device device,
+                      const std::function<void()>& run) {
+  std::vector<double> times;
+  for (int i = 0; i < options.warmup + options.repeat; ++i) {
+    const auto start = Clock::now();
+    run();
+    sync(device);
+    if (i >= options.warmup) times.push_back(seconds_since(start));
+  }
+  return median(times);
+}
+
+// Runs `run` warmup + repeat times (FLOPs counted on the first call) and returns the row with
+// the median time, GFLOP/s and memory; the caller names it.
 BenchRow timed_row(const UNetBenchOptions& options, torch::Device device, double params,
                    const std::function<void()>& run) {
   nn::flops::reset();
@@ -303,12 +316,8 @@ generate::TextToImageModel random_pipeline(const std::string& preset,
   vae_config.force_upcast = vae_config.force_upcast && vae_upcast;
   generate::TextToImageModel model;
   model.name = "random " + preset;
-  auto tokenizer = std::make_shared<text::CLIPTokenizer>(text::CLIPTokenizer::load(vocab));
-  model.tokenizer = model.tokenizer_2 = tokenizer;
-  model.pad_id = tokenizer->eos_id();
-  model.pad_id_2 = tokenizer->token_to_id("!");
+  generate::use_builtin_tokenizers_and_scheduler(model, vocab, /*sdxl=*/true);
   model.force_zeros_for_empty_prompt = true;
-  model.scheduler = generate::builtin_scheduler();
   model.unet = make_unet_uninitialised(unet_config);
   model.text_encoder = make_clip_text_uninitialised(te1);
   model.text_encoder_2 = make_clip_text_uninitialised(te2);
@@ -434,21 +443,14 @@ std::vector<BenchRow> run_pipeline_bench(const UNetBenchOptions& options,
       };
       add(fmt::format("end to end {}", name), median(totals));
       // The parts, timed on their own.
-      std::vector<double> encode_times, decode_times;
-      const auto on_device = latents.to(device);
-      for (int i = 0; i < options.warmup + options.repeat; ++i) {
-        auto start = Clock::now();
-        generate::encode_conditioning(model, request.prompts, false);
-        sync(device);
-        if (i >= options.warmup) encode_times.push_back(seconds_since(start));
-        start = Clock::now();
-        generate::decode_latents(model, on_device, request.vae_tiling);
-        sync(device);
-        if (i >= options.warmup) decode_times.push_back(seconds_since(start));
-      }
-      add(fmt::format("  text encoders {}", name), median(encode_times));
+      add(fmt::format("  text encoders {}", name), median_seconds(options, device, [&] {
+            generate::encode_conditioning(model, request.prompts, false);
+          }));
       if (!steps.empty()) add(fmt::format("  unet step {}", name), median(steps));
-      add(fmt::format("  vae decode {}", name), median(decode_times));
+      const auto on_device = latents.to(device);
+      add(fmt::format("  vae decode {}", name), median_seconds(options, device, [&] {
+            generate::decode_latents(model, on_device, request.vae_tiling);
+          }));
     }
   }
   return rows;

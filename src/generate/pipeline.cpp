@@ -242,6 +242,9 @@ TextToImageModel load_model(const std::string& dir, const models::ModelLoadOptio
   return model;
 }
 
+namespace {
+
+// The scheduler of stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5.
 diffusion::SchedulerConfig builtin_scheduler() {
   return diffusion::from_json({{"_class_name", "EulerDiscreteScheduler"},
                                {"beta_start", 0.00085},
@@ -254,8 +257,6 @@ diffusion::SchedulerConfig builtin_scheduler() {
                               "built-in SDXL scheduler");
 }
 
-namespace {
-
 // Loads `module` from `files` through `map`; checkpoint keys under `prefix` that the map does
 // not read are refused (unless listed in `ignored`).
 void load_mapped(torch::nn::Module& module, const std::shared_ptr<io::WeightFiles>& files,
@@ -267,6 +268,18 @@ void load_mapped(torch::nn::Module& module, const std::shared_ptr<io::WeightFile
 }
 
 }  // namespace
+
+void use_builtin_tokenizers_and_scheduler(TextToImageModel& model, const std::string& vocab_path,
+                                          bool sdxl) {
+  auto tokenizer = std::make_shared<text::CLIPTokenizer>(text::CLIPTokenizer::load(vocab_path));
+  model.pad_id = tokenizer->eos_id();
+  model.tokenizer = tokenizer;
+  if (sdxl) {
+    model.pad_id_2 = tokenizer->token_to_id("!");
+    model.tokenizer_2 = tokenizer;
+  }
+  model.scheduler = builtin_scheduler();
+}
 
 TextToImageModel load_single_file(const std::string& file, const models::ModelLoadOptions& options,
                                   const SingleFileOptions& sf) {
@@ -322,13 +335,7 @@ TextToImageModel load_single_file(const std::string& file, const models::ModelLo
       model.force_zeros_for_empty_prompt = io::read_json_file((dir / "model_index.json").string())
                                                .value("force_zeros_for_empty_prompt", sdxl);
   } else {
-    auto tokenizer =
-        std::make_shared<text::CLIPTokenizer>(text::CLIPTokenizer::load(sf.vocab_path));
-    model.pad_id = tokenizer->eos_id();
-    model.pad_id_2 = tokenizer->token_to_id("!");
-    model.tokenizer = tokenizer;
-    if (sdxl) model.tokenizer_2 = tokenizer;
-    model.scheduler = builtin_scheduler();
+    use_builtin_tokenizers_and_scheduler(model, sf.vocab_path, sdxl);
     model.recommended.steps = 30;
     model.recommended.guidance_scale = sdxl ? 5.0 : 7.5;
   }
@@ -603,6 +610,19 @@ torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& req
   const int64_t f = model.vae_scale();
   PromptEmbeds uncond;
   if (cfg) uncond = encode_negative(model, r.negative_prompt);
+  // The ControlNet's image [1, C, H, W] on the device, at the output size.
+  torch::Tensor control_image;
+  if (r.control_image.defined()) {
+    control_image = r.control_image.to(torch::kFloat32).unsqueeze(0);
+    if (control_image.size(2) != r.height || control_image.size(3) != r.width)
+      control_image = torch::nn::functional::interpolate(
+          control_image, torch::nn::functional::InterpolateFuncOptions()
+                             .size(std::vector<int64_t>{r.height, r.width})
+                             .mode(torch::kBilinear)
+                             .align_corners(false)
+                             .antialias(true));
+    control_image = control_image.to(device);
+  }
   std::vector<torch::Tensor> latents;
   const int64_t total = ((n + r.max_batch - 1) / r.max_batch) * sampler->num_steps();
   int64_t done = 0;
@@ -623,18 +643,10 @@ torch::Tensor generate(const TextToImageModel& model, const GenerateRequest& req
                      .to(device, dtype)
                      .expand({context.size(0), 6});
     }
-    torch::Tensor control;  // [rows of the UNet batch, C, H, W] on the device
-    if (r.control_image.defined()) {
-      control = r.control_image.to(torch::kFloat32).unsqueeze(0);
-      if (control.size(2) != r.height || control.size(3) != r.width)
-        control = torch::nn::functional::interpolate(
-            control, torch::nn::functional::InterpolateFuncOptions()
-                         .size(std::vector<int64_t>{r.height, r.width})
-                         .mode(torch::kBilinear)
-                         .align_corners(false)
-                         .antialias(true));
-      control = control.to(device).expand({context.size(0), -1, -1, -1});
-    }
+    // [rows of the UNet batch, C, H, W]
+    const auto control = control_image.defined()
+                             ? control_image.expand({context.size(0), -1, -1, -1})
+                             : control_image;
     std::vector<torch::Tensor> noise;
     for (int64_t i = 0; i < b; ++i)
       noise.push_back(
@@ -674,8 +686,7 @@ void attach_controlnet(TextToImageModel& model, models::ControlNetModel controln
          model.name);
   const auto& c = controlnet->config;
   const auto& u = model.unet->config;
-  if (controlnet->encoder->skip_channels() != model.unet->skip_channels() ||
-      c.unet.block_out_channels.back() != u.block_out_channels.back())
+  if (controlnet->encoder->skip_channels() != model.unet->skip_channels())
     fail(
         "{}: its residuals (channels {}) do not fit the UNet's skips ({}): a ControlNet for "
         "another architecture",

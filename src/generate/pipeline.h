@@ -112,9 +112,12 @@ struct SingleFileOptions {
 TextToImageModel load_single_file(const std::string& file, const models::ModelLoadOptions& options,
                                   const SingleFileOptions& single_file);
 
-// The scheduler of stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5 (the same
-// scaled_linear schedule; SD 1.5's is a PNDM config, for which Euler is the usual choice).
-diffusion::SchedulerConfig builtin_scheduler();
+// What a single file without --config gets: CLIP tokenizers from the vocabulary at
+// `vocab_path` (the second, for SDXL, padding with "!") and the scheduler of
+// stable-diffusion-xl-base-1.0 / stable-diffusion-v1-5 (the same scaled_linear schedule; SD 1.5's
+// is a PNDM config, for which Euler is the usual choice).
+void use_builtin_tokenizers_and_scheduler(TextToImageModel& model, const std::string& vocab_path,
+                                          bool sdxl);
 
 // Attaches a ControlNet to the model. Throws Error naming `name` when its residuals or its
 // conditioning do not fit the UNet (another architecture), or the model is not a latent one.
