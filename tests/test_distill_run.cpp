@@ -87,8 +87,9 @@ TEST(DistillRecipe, RefusesBadRecipesNamingTheKey) {
   EXPECT_NE(error_of("task = \"distill\"\n" + stage).find("model"), std::string::npos);
   EXPECT_NE(error_of(std::string(kHead)).find("stages"), std::string::npos);
 
-  for (const char* shipped : {"recipes/fmnist-lightning.toml", "recipes/fmnist-lightning-1step.toml",
-                              "recipes/fmnist-progressive-mse.toml"})
+  for (const char* shipped :
+       {"recipes/fmnist-lightning.toml", "recipes/fmnist-lightning-1step.toml",
+        "recipes/fmnist-progressive-mse.toml"})
     EXPECT_NO_THROW(distill::DistillRecipe::load(test::source_path(shipped))) << shipped;
   const auto q = distill::DistillRecipe::load(test::source_path("recipes/quick-distill.toml"));
   ASSERT_EQ(q.stages.size(), 3u);
@@ -98,7 +99,28 @@ TEST(DistillRecipe, RefusesBadRecipesNamingTheKey) {
   EXPECT_TRUE(phases[0].lora);
   EXPECT_EQ(phases[2].name, "full");
   EXPECT_FALSE(phases[2].lora);
-  EXPECT_EQ(q.stages[2].phases()[0].name, "x0_warmup");
+  const auto one_step = q.stages[2].phases();
+  ASSERT_EQ(one_step.size(), 5u);
+  EXPECT_EQ(one_step[0].name, "x0_warmup");
+  EXPECT_EQ(one_step[1].name, "conditional_d_warmup");
+  EXPECT_FALSE(one_step[1].train_generator);
+  EXPECT_EQ(one_step[1].objective, distill::Objective::kConditional);
+  EXPECT_TRUE(one_step[2].train_generator);
+  EXPECT_EQ(one_step[3].name, "unconditional_d_warmup");
+  EXPECT_EQ(q.stages[2].discriminator_steps, 2);
+  EXPECT_NE(error_of(std::string(kHead) + stage + "discriminator_warmup_iterations = 2\n")
+                .find("discriminator_warmup_iterations"),
+            std::string::npos);
+  const std::string adversarial =
+      "[[stages]]\nteacher_steps = 8\nstudent_steps = 4\nloss = \"adversarial\"\n"
+      "conditional_iterations = 1\n";
+  EXPECT_EQ(error_of(std::string(kHead) + adversarial), "");
+  EXPECT_NE(error_of(std::string(kHead) + adversarial + "discriminator_steps = 0\n")
+                .find("discriminator_steps"),
+            std::string::npos);
+  EXPECT_NE(error_of(std::string(kHead) + adversarial + "discriminator_warmup_iterations = -1\n")
+                .find("discriminator_warmup_iterations"),
+            std::string::npos);
 }
 
 TEST(Cli, DistillRefusesBeforeTraining) {
@@ -147,19 +169,45 @@ TEST(Distill, QuickRecipeWritesEveryOutputAndResumesExactly) {
   bool saw_adversarial = false;
   for (const auto& m : metrics) {
     for (const char* key : {"loss_mse", "loss_g", "loss_d", "d_real", "d_fake", "grad_norm_g"})
-      if (m.contains(key)) EXPECT_TRUE(std::isfinite(m[key].get<double>())) << key;
+      if (m.contains(key)) {
+        EXPECT_TRUE(std::isfinite(m[key].get<double>())) << key;
+      }
     saw_adversarial |= m.contains("loss_d") && m.contains("d_real") && m.contains("grad_norm_d");
+    if (m["phase"] == "conditional_d_warmup") {  // the discriminator alone
+      EXPECT_TRUE(m.contains("loss_d"));
+      EXPECT_FALSE(m.contains("loss_g"));
+    }
   }
   EXPECT_TRUE(saw_adversarial);
   EXPECT_EQ(metrics.back()["step"], recipe.total_iterations());
 
-  // Stop inside stage 2's unconditional LoRA phase (iterations 17..20), then resume.
+  // Stop inside stage 2's unconditional LoRA phase (iterations 17..20), then inside stage 3's
+  // first discriminator warm-up (26..27), then resume to the end.
   auto first = options_for(dir + "/split");
   first.until = 19;
   const auto part = distill::run_distillation(recipe, first);
   EXPECT_EQ(part.iterations, 19);
   EXPECT_EQ(part.model_dirs.size(), 1u);
   EXPECT_TRUE(fs::exists(dir + "/split/checkpoint/lora.safetensors"));
+  // Iterations 26..27 train the discriminator alone: the student is the same before and after.
+  auto middle = options_for(dir + "/split");
+  middle.resume = true;
+  middle.until = 25;
+  EXPECT_EQ(distill::run_distillation(recipe, middle).iterations, 25);
+  const auto student_25 = io::load_safetensors(dir + "/split/checkpoint/student.safetensors");
+  const auto disc_25 = io::load_safetensors(dir + "/split/checkpoint/discriminator.safetensors");
+  middle.until = 26;
+  EXPECT_EQ(distill::run_distillation(recipe, middle).iterations, 26);
+  middle.until = 27;
+  EXPECT_EQ(distill::run_distillation(recipe, middle).iterations, 27);
+  const auto student_27 = io::load_safetensors(dir + "/split/checkpoint/student.safetensors");
+  const auto disc_27 = io::load_safetensors(dir + "/split/checkpoint/discriminator.safetensors");
+  for (const auto& [name, t] : student_25)
+    ASSERT_TRUE(torch::equal(t, student_27.at(name))) << name;
+  bool disc_changed = false;
+  for (const auto& [name, t] : disc_25)
+    disc_changed |= !torch::equal(t, disc_27.at(name));
+  EXPECT_TRUE(disc_changed);
   auto second = options_for(dir + "/split");
   second.resume = true;
   const auto rest = distill::run_distillation(recipe, second);

@@ -80,14 +80,18 @@ StageRecipe read_stage(const nlohmann::json& json, const std::string& where) {
   s.conditional_iterations = r.get_int("conditional_iterations", 0);
   s.unconditional_iterations = r.get_int("unconditional_iterations", 0);
   s.full_iterations = r.get_int("full_iterations", 0);
-  for (const char* key : {"x0_warmup_iterations", "mse_iterations", "conditional_iterations",
-                          "unconditional_iterations", "full_iterations"})
+  s.discriminator_warmup_iterations = r.get_int("discriminator_warmup_iterations", 0);
+  for (const char* key :
+       {"x0_warmup_iterations", "mse_iterations", "conditional_iterations",
+        "unconditional_iterations", "full_iterations", "discriminator_warmup_iterations"})
     if (r.get_int(key, 0) < 0) r.fail_key(key, "must be >= 0");
   if (s.loss == "mse") {
     if (s.mse_iterations < 1) r.fail_key("mse_iterations", "an mse stage needs >= 1");
     if (s.conditional_iterations || s.unconditional_iterations)
       r.fail_key(s.conditional_iterations ? "conditional_iterations" : "unconditional_iterations",
                  "only adversarial stages have discriminator phases");
+    if (s.discriminator_warmup_iterations)
+      r.fail_key("discriminator_warmup_iterations", "an mse stage has no discriminator");
   } else {
     if (s.mse_iterations) r.fail_key("mse_iterations", "an adversarial stage has no mse phase");
     if (s.conditional_iterations + s.unconditional_iterations < 1)
@@ -105,6 +109,8 @@ StageRecipe read_stage(const nlohmann::json& json, const std::string& where) {
   get_pair(r, "adam_betas", s.adam_beta1, s.adam_beta2);
   s.discriminator_learning_rate = r.get_double("discriminator_learning_rate", s.learning_rate);
   get_pair(r, "discriminator_adam_betas", s.discriminator_beta1, s.discriminator_beta2);
+  s.discriminator_steps = r.get_int("discriminator_steps", s.discriminator_steps);
+  if (s.discriminator_steps < 1) r.fail_key("discriminator_steps", "must be >= 1");
   if (!(s.learning_rate > 0)) r.fail_key("learning_rate", "must be > 0");
   if (!(s.full_learning_rate >= 0)) r.fail_key("full_learning_rate", "must be >= 0");
   if (!(s.discriminator_learning_rate > 0))
@@ -168,12 +174,19 @@ std::string to_string(Objective objective) {
 std::vector<Phase> StageRecipe::phases() const {
   const bool use_lora = lora_rank > 0;
   std::vector<Phase> out;
-  auto add = [&](const char* name, Objective o, int64_t iterations, bool lora) {
-    if (iterations > 0) out.push_back({name, o, iterations, lora});
+  auto add = [&](const char* name, Objective o, int64_t iterations, bool lora,
+                 bool train_generator = true) {
+    if (iterations > 0) out.push_back({name, o, iterations, lora, train_generator});
   };
+  // A discriminator warm-up only where a phase with a fresh head follows.
+  const int64_t d_warmup = discriminator_warmup_iterations;
   add("x0_warmup", Objective::kX0Warmup, x0_warmup_iterations, use_lora);
   add("mse", Objective::kMse, mse_iterations, use_lora);
+  add("conditional_d_warmup", Objective::kConditional, conditional_iterations ? d_warmup : 0,
+      use_lora, false);
   add("conditional", Objective::kConditional, conditional_iterations, use_lora);
+  add("unconditional_d_warmup", Objective::kUnconditional, unconditional_iterations ? d_warmup : 0,
+      use_lora, false);
   add("unconditional", Objective::kUnconditional, unconditional_iterations, use_lora);
   add("full", Objective::kUnconditional, full_iterations, false);
   return out;

@@ -13,7 +13,13 @@
 //   x0_warmup      MSE of the student's x0 output against the frozen epsilon teacher's one-step
 //                  x0 (the 1-step switch to "sample" prediction, METHOD.md §4)
 //   mse            MSE between the student's one-step x_t' and the teacher's n-step x_t'
+//   conditional_d_warmup
+//                  (discriminator_warmup_iterations) the discriminator alone against the frozen
+//                  student, so that the student's first updates see a discriminator that separates
+//                  real from fake; not in the paper, off by default
 //   conditional    adversarial, conditional discriminator D(x_t', x_t)
+//   unconditional_d_warmup
+//                  the same for the unconditional head, which starts fresh
 //   unconditional  adversarial, unconditional discriminator D'(x_t')
 //   full           (LoRA stages) the LoRA is merged, then the full UNet trains further with the
 //                  unconditional objective, as the paper does
@@ -38,7 +44,11 @@ struct Phase {
   std::string name;  // x0_warmup, mse, conditional, unconditional, full
   Objective objective;
   int64_t iterations = 0;
-  bool lora = false;  // trains the LoRA adapters (else the full UNet)
+  bool lora = false;            // trains the LoRA adapters (else the full UNet)
+  bool train_generator = true;  // false: a discriminator warm-up (the student is frozen)
+  bool adversarial() const {
+    return objective == Objective::kConditional || objective == Objective::kUnconditional;
+  }
 };
 
 struct StageRecipe {
@@ -56,6 +66,7 @@ struct StageRecipe {
   int64_t conditional_iterations = 0;
   int64_t unconditional_iterations = 0;
   int64_t full_iterations = 0;
+  int64_t discriminator_warmup_iterations = 0;  // before each of the two adversarial phases
 
   // Student optimiser (Adam, no weight decay; the paper's betas are (0.9, 0.999) for MSE and
   // (0, 0.99) for adversarial stages).
@@ -66,6 +77,7 @@ struct StageRecipe {
   // Discriminator optimiser.
   double discriminator_learning_rate = 1e-6;
   double discriminator_beta1 = 0.0, discriminator_beta2 = 0.99;
+  int64_t discriminator_steps = 1;  // discriminator updates per iteration (on the same batch)
   models::DiscriminatorHeadConfig head;
 
   // LoRA (absent: train the full UNet; given: >= 1).

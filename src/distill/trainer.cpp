@@ -385,16 +385,20 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         train::restore_adam_state(g_opt, student_named,
                                   (checkpoint_dir / "student_optimizer.safetensors").string(), i0,
                                   false);
-        if (phase.objective == Objective::kConditional ||
-            phase.objective == Objective::kUnconditional)
+        if (phase.adversarial())
           train::restore_adam_state(
               d_opt, disc_named, (checkpoint_dir / "discriminator_optimizer.safetensors").string(),
-              i0, false);
+              i0 * stage.discriminator_steps, false);
       }
-      const bool adversarial = phase.objective == Objective::kConditional ||
-                               phase.objective == Objective::kUnconditional;
+      const bool adversarial = phase.adversarial();
+      // The student's adversarial iterations (those of the re-noising weights' switch): in all,
+      // and those of this stage before this phase.
       const int64_t adversarial_total =
           stage.conditional_iterations + stage.unconditional_iterations + stage.full_iterations;
+      int64_t adversarial_before = 0;
+      for (size_t q = 0; q < p; ++q)
+        if (phases[q].adversarial() && phases[q].train_generator)
+          adversarial_before += phases[q].iterations;
 
       auto write_checkpoint = [&](int64_t step) {
         io::write_directory_atomic(checkpoint_dir.string(), [&](const std::string& tmp) {
@@ -465,15 +469,21 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           torch::Tensor t_prev;
           const auto target = teacher_target(teacher_denoiser, teacher_type, schedule, x_t, t,
                                              stage.n(), stage.teacher_steps, &t_prev);
-          const auto out_s = student_fn(x_t, t, context);
-          const auto x_prev = student_jump(stage.prediction_type, schedule, out_s, x_t, t, t_prev);
+          torch::Tensor x_prev;
+          {
+            // A discriminator warm-up needs no gradients through the student.
+            c10::optional<torch::NoGradGuard> frozen;
+            if (!phase.train_generator) frozen.emplace();
+            x_prev = student_jump(stage.prediction_type, schedule, student_fn(x_t, t, context), x_t,
+                                  t, t_prev);
+          }
           if (!adversarial) {
             mse_update(x_prev, target, m);
           } else {
             // What the discriminator sees: x_t' at t', or both re-noised to t* (1-step student).
             torch::Tensor real = target, fake = x_prev, t_d = torch::clamp_min(t_prev, 0);
             if (!stage.renoise_timesteps.empty()) {
-              const int64_t done_adv = g - (stage_start(recipe, s) + stage.x0_warmup_iterations);
+              const int64_t done_adv = adversarial_before + (phase.train_generator ? i : 0);
               const bool late =
                   done_adv >= static_cast<int64_t>(stage.renoise_switch * adversarial_total);
               t_d = sample_timesteps(stage.renoise_timesteps,
@@ -489,36 +499,41 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               auto f = d_features(x, t_d, context);
               return conditional ? disc->conditional(f, f_t) : disc->unconditional(f);
             };
-            // Discriminator update.
-            const auto f_t = conditional ? d_features(x_t, t, context) : torch::Tensor();
-            const auto real_logits = logits(real, f_t);
-            const auto fake_logits = logits(fake.detach(), f_t);
-            auto d_loss = discriminator_loss(real_logits, fake_logits);
-            d_opt.zero_grad();
-            d_loss.backward();
-            m["grad_norm_d"] = clip(disc_params, recipe.max_grad_norm);
-            d_opt.step();
-            // Student update against the updated discriminator.
-            torch::Tensor f_t2;
-            if (conditional) {
-              torch::NoGradGuard no_grad;
-              f_t2 = d_features(x_t, t, context);
+            // Discriminator updates (the last one's losses and outputs are logged).
+            torch::Tensor d_loss, real_logits, fake_logits;
+            for (int64_t k = 0; k < stage.discriminator_steps; ++k) {
+              const auto f_t = conditional ? d_features(x_t, t, context) : torch::Tensor();
+              real_logits = logits(real, f_t);
+              fake_logits = logits(fake.detach(), f_t);
+              d_loss = discriminator_loss(real_logits, fake_logits);
+              d_opt.zero_grad();
+              d_loss.backward();
+              m["grad_norm_d"] = clip(disc_params, recipe.max_grad_norm);
+              d_opt.step();
             }
-            for (auto& q : disc_params)  // the student's update needs no discriminator gradients
-              q.set_requires_grad(false);
-            const auto g_logits = logits(fake, f_t2);
-            auto g_loss = generator_loss(g_logits);
-            g_opt.zero_grad();
-            g_loss.backward();
-            for (auto& q : disc_params)
-              q.set_requires_grad(true);
-            m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
-            g_opt.step();
             m["loss_d"] = d_loss.item<double>();
-            m["loss_g"] = g_loss.item<double>();
             m["d_real"] = torch::sigmoid(real_logits).mean().item<double>();
             m["d_fake"] = torch::sigmoid(fake_logits).mean().item<double>();
             m["loss_mse"] = torch::mse_loss(x_prev.detach(), target).item<double>();
+            if (phase.train_generator) {
+              // Student update against the updated discriminator.
+              torch::Tensor f_t2;
+              if (conditional) {
+                torch::NoGradGuard no_grad;
+                f_t2 = d_features(x_t, t, context);
+              }
+              for (auto& q : disc_params)  // the student's update needs no discriminator gradients
+                q.set_requires_grad(false);
+              const auto g_logits = logits(fake, f_t2);
+              auto g_loss = generator_loss(g_logits);
+              g_opt.zero_grad();
+              g_loss.backward();
+              for (auto& q : disc_params)
+                q.set_requires_grad(true);
+              m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
+              g_opt.step();
+              m["loss_g"] = g_loss.item<double>();
+            }
           }
         }
         for (const auto& [name, v] : m)
@@ -530,10 +545,11 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                 recipe.file);
         interval.add(m);
         ++g;
-        bar.update(
-            g, fmt::format("stage {} {} {}", s + 1, phase.name,
-                           adversarial ? fmt::format("G {:.3f} D {:.3f}", m["loss_g"], m["loss_d"])
-                                       : fmt::format("mse {:.4f}", m["loss_mse"])));
+        bar.update(g, fmt::format("stage {} {} {}", s + 1, phase.name,
+                                  !adversarial ? fmt::format("mse {:.4f}", m["loss_mse"])
+                                  : phase.train_generator
+                                      ? fmt::format("G {:.3f} D {:.3f}", m["loss_g"], m["loss_d"])
+                                      : fmt::format("D {:.3f}", m["loss_d"])));
 
         const bool phase_done = i + 1 == phase.iterations;
         if (g % recipe.log_every == 0 || phase_done || g == stop) {
