@@ -89,7 +89,7 @@ TEST(DistillRecipe, RefusesBadRecipesNamingTheKey) {
 
   for (const char* shipped :
        {"recipes/fmnist-lightning.toml", "recipes/fmnist-lightning-1step.toml",
-        "recipes/fmnist-progressive-mse.toml"})
+        "recipes/fmnist-lightning-4step.toml", "recipes/fmnist-progressive-mse.toml"})
     EXPECT_NO_THROW(distill::DistillRecipe::load(test::source_path(shipped))) << shipped;
   const auto q = distill::DistillRecipe::load(test::source_path("recipes/quick-distill.toml"));
   ASSERT_EQ(q.stages.size(), 3u);
@@ -108,6 +108,9 @@ TEST(DistillRecipe, RefusesBadRecipesNamingTheKey) {
   EXPECT_TRUE(one_step[2].train_generator);
   EXPECT_EQ(one_step[3].name, "unconditional_d_warmup");
   EXPECT_EQ(q.stages[2].discriminator_steps, 2);
+  EXPECT_EQ(q.stages[1].ema_decay, 0.9);
+  EXPECT_NE(error_of(std::string(kHead) + stage + "ema_decay = 1\n").find("ema_decay"),
+            std::string::npos);
   EXPECT_NE(error_of(std::string(kHead) + stage + "discriminator_warmup_iterations = 2\n")
                 .find("discriminator_warmup_iterations"),
             std::string::npos);

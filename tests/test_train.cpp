@@ -14,6 +14,7 @@
 #include "io/toml.h"
 #include "test_util.h"
 #include "train/teacher.h"
+#include "train/train_util.h"
 
 namespace fs = std::filesystem;
 using namespace lightning;
@@ -86,6 +87,18 @@ TEST(Train, QuickRecipeWritesEverythingAndResumesExactly) {
 
   // A finished run is not overwritten without --resume.
   EXPECT_THROW(train::train_teacher(recipe, full), UsageError);
+}
+
+TEST(Ema, AveragesWithDiffusersWarmup) {
+  EXPECT_DOUBLE_EQ(train::ema_decay_at(0.999, 0), 0.1);  // (1 + 0) / (10 + 0)
+  EXPECT_DOUBLE_EQ(train::ema_decay_at(0.999, 10), 11.0 / 20.0);
+  EXPECT_DOUBLE_EQ(train::ema_decay_at(0.9, 1000), 0.9);
+  auto source = torch::tensor({1.0f, 3.0f}).requires_grad_(true);
+  std::vector<torch::Tensor> ema = {torch::tensor({3.0f, 3.0f})};
+  train::ema_update(ema, {source}, 0.75);
+  EXPECT_TRUE(torch::allclose(ema[0], torch::tensor({2.5f, 3.0f})));
+  EXPECT_FALSE(ema[0].requires_grad());
+  EXPECT_THROW(train::ema_update(ema, {}, 0.5), Error);
 }
 
 TEST(Train, RecipeErrorsNameTheKey) {

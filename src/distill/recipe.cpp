@@ -107,6 +107,9 @@ StageRecipe read_stage(const nlohmann::json& json, const std::string& where) {
   if (!(s.x0_warmup_learning_rate >= 0)) r.fail_key("x0_warmup_learning_rate", "must be >= 0");
   if (s.loss == "adversarial") s.adam_beta1 = 0.0, s.adam_beta2 = 0.99;
   get_pair(r, "adam_betas", s.adam_beta1, s.adam_beta2);
+  s.ema_decay = r.get_double("ema_decay", s.ema_decay);
+  if (!(s.ema_decay >= 0 && s.ema_decay < 1))
+    r.fail_key("ema_decay", fmt::format("{} is outside [0, 1) (0: no average)", s.ema_decay));
   s.discriminator_learning_rate = r.get_double("discriminator_learning_rate", s.learning_rate);
   get_pair(r, "discriminator_adam_betas", s.discriminator_beta1, s.discriminator_beta2);
   s.discriminator_steps = r.get_int("discriminator_steps", s.discriminator_steps);

@@ -74,6 +74,11 @@ struct StageRecipe {
   double full_learning_rate = 0;       // the full phase of a LoRA stage; 0: learning_rate
   double x0_warmup_learning_rate = 0;  // the x0_warmup phase; 0: learning_rate
   double adam_beta1 = 0.9, adam_beta2 = 0.999;
+  // An exponential moving average of the student's trained parameters (not in the paper; 0: off),
+  // started from the parameters at each phase's start (no warm-up: phases are short) and copied
+  // into the student at its end, so that a LoRA is merged and a stage's student saved from the
+  // averages.
+  double ema_decay = 0;
   // Discriminator optimiser.
   double discriminator_learning_rate = 1e-6;
   double discriminator_beta1 = 0.0, discriminator_beta2 = 0.99;

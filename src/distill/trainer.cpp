@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 
 #include <fmt/format.h>
@@ -400,6 +401,16 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         if (phases[q].adversarial() && phases[q].train_generator)
           adversarial_before += phases[q].iterations;
 
+      // The student's averaged parameters (ema_decay > 0), in the order of student_params.
+      std::vector<torch::Tensor> ema;
+      if (stage.ema_decay > 0 && phase.train_generator) {
+        const auto ema_file = checkpoint_dir / "student_ema.safetensors";
+        std::optional<io::SafetensorsFile> saved;
+        if (resuming_here && i0 > 0) saved.emplace(ema_file.string());
+        for (const auto& [name, t] : student_named)
+          ema.push_back(saved ? saved->get(name).clone() : t.detach().clone());
+      }
+
       auto write_checkpoint = [&](int64_t step) {
         io::write_directory_atomic(checkpoint_dir.string(), [&](const std::string& tmp) {
           // Base weights (adapters are not part of the state dict) and adapters separately.
@@ -410,6 +421,12 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
             for (auto& [name, t] : models::lora_parameters(*student))
               lora.emplace_back(name, t.detach());
             io::save_safetensors(tmp + "/lora.safetensors", lora);
+          }
+          if (!ema.empty()) {
+            std::vector<std::pair<std::string, torch::Tensor>> averages;
+            for (size_t k = 0; k < ema.size(); ++k)
+              averages.emplace_back(student_named[k].first, ema[k]);
+            io::save_safetensors(tmp + "/student_ema.safetensors", averages);
           }
           io::save_safetensors(tmp + "/student_optimizer.safetensors",
                                train::adam_state_tensors(g_opt, student_named));
@@ -543,6 +560,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                 "checkpoint is {} (lower the learning rates in {})",
                 s + 1, stage.name, phase.name, g + 1, name, v, checkpoint_dir.string(),
                 recipe.file);
+        if (!ema.empty()) train::ema_update(ema, student_params, stage.ema_decay);
         interval.add(m);
         ++g;
         bar.update(g, fmt::format("stage {} {} {}", s + 1, phase.name,
@@ -552,6 +570,11 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                                       : fmt::format("D {:.3f}", m["loss_d"])));
 
         const bool phase_done = i + 1 == phase.iterations;
+        if (phase_done && !ema.empty()) {  // the phase hands on its averages
+          torch::NoGradGuard no_grad;
+          for (size_t k = 0; k < ema.size(); ++k)
+            student_params[k].copy_(ema[k]);
+        }
         if (g % recipe.log_every == 0 || phase_done || g == stop) {
           const auto now = std::chrono::steady_clock::now();
           const double secs = std::chrono::duration<double>(now - interval_start).count();

@@ -50,11 +50,7 @@ nlohmann::json section(io::ConfigReader& root, const std::string& key) {
 }
 
 void ema_update(torch::nn::Module& ema, const torch::nn::Module& model, double decay) {
-  torch::NoGradGuard no_grad;
-  auto target = ema.parameters(true);
-  auto source = model.parameters(true);
-  for (size_t i = 0; i < target.size(); ++i)
-    target[i].mul_(decay).add_(source[i].detach(), 1.0 - decay);
+  train::ema_update(ema.parameters(true), model.parameters(true), decay);
 }
 
 void copy_weights(torch::nn::Module& dst, const torch::nn::Module& src) {
@@ -421,7 +417,7 @@ std::string train_teacher(const TeacherRecipe& recipe, const TrainOptions& optio
       static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
     optimizer.step();
     if (recipe.ema_decay > 0) {
-      double decay = std::min(recipe.ema_decay, (1.0 + step) / (10.0 + step));
+      const double decay = ema_decay_at(recipe.ema_decay, step);
       ema_update(*ema_unet, *unet, decay);
       ema_update(*ema_text, *text_encoder, decay);
     } else {

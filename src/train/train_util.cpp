@@ -1,5 +1,6 @@
 #include "train/train_util.h"
 
+#include <algorithm>
 #include <array>
 #include <fstream>
 #include <iterator>
@@ -64,6 +65,19 @@ std::vector<std::pair<std::string, torch::Tensor>> named_params(const torch::nn:
   for (const auto& item : module.named_parameters(true))
     out.emplace_back(prefix + item.key(), item.value());
   return out;
+}
+
+void ema_update(const std::vector<torch::Tensor>& ema, const std::vector<torch::Tensor>& source,
+                double decay) {
+  torch::NoGradGuard no_grad;
+  if (ema.size() != source.size())
+    fail("ema_update: {} averages for {} tensors", ema.size(), source.size());
+  for (size_t i = 0; i < ema.size(); ++i)
+    ema[i].mul_(decay).add_(source[i].detach(), 1.0 - decay);
+}
+
+double ema_decay_at(double decay, int64_t step) {
+  return std::min(decay, (1.0 + static_cast<double>(step)) / (10.0 + static_cast<double>(step)));
 }
 
 namespace {

@@ -45,6 +45,13 @@ class EpochSampler {
 std::vector<std::pair<std::string, torch::Tensor>> named_params(const torch::nn::Module& module,
                                                                 const std::string& prefix);
 
+// Exponential moving averages: ema = decay * ema + (1 - decay) * source, tensor by tensor (same
+// order and shapes), without gradients. ema_decay_at: diffusers' warm-up of the decay,
+// min(decay, (1 + step) / (10 + step)).
+void ema_update(const std::vector<torch::Tensor>& ema, const std::vector<torch::Tensor>& source,
+                double decay);
+double ema_decay_at(double decay, int64_t step);
+
 // Adam/AdamW moments of `params` as tensors "<name>.exp_avg" / "<name>.exp_avg_sq" (parameters
 // without state yet are skipped), and back. `step` is restored into every state.
 std::vector<std::pair<std::string, torch::Tensor>> adam_state_tensors(
