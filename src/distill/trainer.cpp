@@ -489,7 +489,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           torch::Tensor x_prev;
           {
             // A discriminator warm-up needs no gradients through the student.
-            c10::optional<torch::NoGradGuard> frozen;
+            std::optional<torch::NoGradGuard> frozen;
             if (!phase.train_generator) frozen.emplace();
             x_prev = student_jump(stage.prediction_type, schedule, student_fn(x_t, t, context), x_t,
                                   t, t_prev);
