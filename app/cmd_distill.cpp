@@ -1,14 +1,20 @@
 // `lightning distill --recipe FILE`: progressive adversarial distillation of a model into a
 // chain of few-step students (see recipes/fmnist-lightning.toml, src/distill/recipe.h and
 // src/distill/trainer.h for the recipe and what a run directory holds).
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "app/commands.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "core/system.h"
+#include "dist/group.h"
+#include "dist/launch.h"
 #include "distill/trainer.h"
 
 namespace lightning::app {
@@ -19,6 +25,8 @@ struct DistillArgs {
   bool resume = false;
   int64_t until = 0;
   int threads = 0;
+  int nproc = 1;
+  int dist_timeout = 300;
 };
 
 }  // namespace
@@ -33,7 +41,9 @@ void add_distill_command(CLI::App& app) {
       "Examples: lightning distill --recipe recipes/fmnist-lightning.toml --out runs/lightning\n"
       "          lightning distill --recipe recipes/fmnist-lightning.toml --out runs/lightning "
       "--resume\n"
-      "Ctrl-C writes a checkpoint and exits (status 130); --resume continues exactly.");
+      "Ctrl-C writes a checkpoint and exits (status 130); --resume continues exactly.\n"
+      "Data parallel: --nproc N runs N local processes; across machines, start one process per "
+      "rank with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun does (README).");
   cmd->add_option("--recipe", args->recipe, "TOML recipe")->required()->check(CLI::ExistingFile);
   cmd->add_option("--out", args->out, "Run directory (default: runs/<recipe file name>)");
   cmd->add_flag("--resume", args->resume, "Continue the run in --out from its checkpoint");
@@ -42,20 +52,65 @@ void add_distill_command(CLI::App& app) {
                   "continue later with --resume")
       ->check(CLI::PositiveNumber);
   add_threads_option(*cmd, &args->threads);
+  cmd->add_option("--nproc", args->nproc,
+                  "Data-parallel processes on this machine (the batch is split between them; "
+                  "--threads is shared out)")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_option("--dist-timeout", args->dist_timeout,
+                  "Seconds a rank waits for the others (rendezvous and each collective) before it "
+                  "stops with an error naming the rank that did not answer")
+      ->check(CLI::Range(1, 86400));
   cmd->callback([args] {
-    set_threads(args->threads);
-    const auto recipe = distill::DistillRecipe::load(args->recipe);
-    distill::DistillOptions options;
-    options.out_dir =
+    const std::string out =
         args->out.empty()
             ? (std::filesystem::path("runs") / std::filesystem::path(args->recipe).stem()).string()
             : args->out;
+    const auto env = dist::launch_env_from_environment();
+    if (args->nproc > 1) {
+      if (env)
+        fail_usage(
+            "--nproc {}: WORLD_SIZE is set already (this process is a rank of a launched "
+            "job); use one or the other",
+            args->nproc);
+      distill::DistillRecipe::load(args->recipe);  // refuse a bad recipe before starting ranks
+      const int threads =
+          std::max(1, (args->threads > 0 ? args->threads : available_cores()) / args->nproc);
+      std::vector<std::string> rank_args = {"distill",
+                                            "--recipe",
+                                            args->recipe,
+                                            "--out",
+                                            out,
+                                            "--threads",
+                                            std::to_string(threads),
+                                            "--dist-timeout",
+                                            std::to_string(args->dist_timeout)};
+      if (args->resume) rank_args.push_back("--resume");
+      if (args->until > 0) {
+        rank_args.push_back("--until");
+        rank_args.push_back(std::to_string(args->until));
+      }
+      const int status =
+          dist::launch_local(args->nproc, rank_args, std::chrono::seconds(args->dist_timeout + 10));
+      if (status != 0) std::exit(status);
+      return;
+    }
+    set_threads(args->threads);
+    dist::Group group;
+    if (env && env->world_size > 1) {
+      set_log_rank(env->rank);
+      group = dist::Group::connect(*env, std::chrono::seconds(args->dist_timeout));
+    }
+    const auto recipe = distill::DistillRecipe::load(args->recipe);
+    distill::DistillOptions options;
+    options.group = &group;
+    options.out_dir = out;
     options.models_root = shipped_models_root();
     options.resume = args->resume;
     if (args->until > 0) options.until = args->until;
     const auto result = distill::run_distillation(recipe, options);
-    for (const auto& dir : result.model_dirs)
-      std::printf("%s\n", dir.c_str());
+    if (group.is_main())
+      for (const auto& dir : result.model_dirs)
+        std::printf("%s\n", dir.c_str());
     std::fflush(stdout);
     if (result.interrupted) std::exit(130);
   });

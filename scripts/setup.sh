@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential cmake ccache pkg-config
   libtorch-dev          # libtorch 1.13 (CPU)
+  libgloo-dev           # the headers of libtorch's Gloo process group (data-parallel distill)
   libopenblas0-pthread  # fast BLAS behind libtorch's f32 matmul (the reference BLAS is ~50x slower)
   nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
   libicu-dev zlib1g-dev # CLIP tokenizer: Unicode case mapping and regex; the .gz vocabulary

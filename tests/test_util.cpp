@@ -65,9 +65,9 @@ void PrintTo(const ParityCase& c, std::ostream* os) {
   *os << c.model << c.suffix;
 }
 
-CommandResult run_lightning(const std::string& args) {
+CommandResult run_command(const std::string& command_line) {
   CommandResult result;
-  const std::string command = std::string(LIGHTNING_BIN) + " " + args + " 2>&1";
+  const std::string command = command_line + " 2>&1";
   FILE* pipe = popen(command.c_str(), "r");
   if (!pipe) return result;
   char buffer[4096];
@@ -77,6 +77,10 @@ CommandResult run_lightning(const std::string& args) {
   const int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+CommandResult run_lightning(const std::string& args) {
+  return run_command(std::string(LIGHTNING_BIN) + " " + args);
 }
 
 }  // namespace lightning::test

@@ -41,6 +41,9 @@ models::UNetInputs unet_inputs(const std::map<std::string, torch::Tensor>& named
 // num_inference_steps, height, width, seed) as a request with the Euler sampler.
 generate::GenerateRequest request_from_case(const std::string& path);
 
+// Runs a command line through /bin/sh, collecting stdout and stderr.
+CommandResult run_command(const std::string& command);
+
 // Runs build/lightning with the given argument string (passed through /bin/sh).
 CommandResult run_lightning(const std::string& args);
 

@@ -34,4 +34,12 @@ void init_logging(bool verbose) {
   spdlog::set_default_logger(logger);
 }
 
+void set_log_rank(int rank) {
+  auto logger = spdlog::default_logger();
+  auto formatter = std::make_unique<spdlog::pattern_formatter>();
+  formatter->add_flag<LevelPrefix>('*').set_pattern(fmt::format("[rank {}] %*%v", rank));
+  logger->set_formatter(std::move(formatter));
+  if (rank != 0 && logger->level() < spdlog::level::warn) logger->set_level(spdlog::level::warn);
+}
+
 }  // namespace lightning

@@ -21,6 +21,7 @@
 #include "data/fashion_mnist.h"
 #include "diffusion/noise_schedule.h"
 #include "diffusion/parameterization.h"
+#include "dist/group.h"
 #include "distill/objectives.h"
 #include "generate/pipeline.h"
 #include "io/files.h"
@@ -133,6 +134,9 @@ struct Interval {
 }  // namespace
 
 DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions& options) {
+  const dist::Group single;
+  const dist::Group& group = options.group ? *options.group : single;
+  const bool main_rank = group.is_main();
   const fs::path out(options.out_dir);
   const fs::path checkpoint_dir = out / "checkpoint";
   const fs::path metrics_path = out / "metrics.jsonl";
@@ -148,11 +152,22 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         out.string());
   if (options.until && *options.until < 1)
     fail_usage("--until must be >= 1, got {}", *options.until);
-  std::error_code ec;
-  fs::create_directories(out / "samples", ec);
-  if (ec || !fs::is_directory(out))
-    fail_usage("--out {}: cannot create the run directory ({})", out.string(), ec.message());
-  {
+  if (recipe.batch_size % group.size() != 0)
+    fail_usage("{}: [train] batch_size = {} does not split evenly over {} ranks", recipe.file,
+               recipe.batch_size, group.size());
+  {  // every rank runs the same recipe and options (the recipe's text, not just its name)
+    std::ifstream in(recipe.file, std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    group.require_same("the recipe and options",
+                       fmt::format("{}\n--out {} --resume {} --until {}", text, out.string(),
+                                   options.resume, options.until.value_or(0)));
+  }
+  group.barrier();  // every rank has checked before rank 0 creates anything
+  if (main_rank) {
+    std::error_code ec;
+    fs::create_directories(out / "samples", ec);
+    if (ec || !fs::is_directory(out))
+      fail_usage("--out {}: cannot create the run directory ({})", out.string(), ec.message());
     const auto probe = out / ".write-test";
     std::ofstream test(probe);
     if (!test) fail_usage("--out {}: the directory is not writable", out.string());
@@ -178,7 +193,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       fail("{} [[stages]] #{}: teacher_steps {} exceeds the schedule's {} timesteps", recipe.file,
            s + 1, st.teacher_steps, T);
   }
-  train::keep_recipe_copy(recipe.file, out.string());  // the recipe beside the results
+  if (main_rank) train::keep_recipe_copy(recipe.file, out.string());  // beside the results
 
   // ---- Data, captions and their (frozen) text encodings.
   auto dataset = data::load_fashion_mnist(data::Split::kTrain, recipe.data_dir);
@@ -210,7 +225,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     if (g > total)
       fail("{}: the checkpoint is at iteration {} but the recipe has {} in all",
            (checkpoint_dir / "state.json").string(), g, total);
-    kept_metrics = train::truncate_metrics(metrics_path.string(), g);
+    if (main_rank) kept_metrics = train::truncate_metrics(metrics_path.string(), g);
     spdlog::info("distill: resuming {} at iteration {} of {}", out.string(), g, total);
   }
   DistillResult result;
@@ -230,9 +245,10 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     teacher.text_encoder->eval();
   }
 
-  std::FILE* metrics = std::fopen(metrics_path.c_str(), "a");
-  if (!metrics) fail("{}: cannot open for appending", metrics_path.string());
-  std::unique_ptr<std::FILE, int (*)(std::FILE*)> metrics_guard(metrics, &std::fclose);
+  std::FILE* metrics = main_rank ? std::fopen(metrics_path.c_str(), "a") : nullptr;
+  if (main_rank && !metrics) fail("{}: cannot open for appending", metrics_path.string());
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> metrics_guard(
+      metrics, [](std::FILE* f) { return f ? std::fclose(f) : 0; });
   // The loss curves of loss.png and the metric each one plots.
   std::vector<train::Curve> curves = {
       {"generator", {}, {}}, {"discriminator", {}, {}}, {"mse", {}, {}}};
@@ -249,10 +265,18 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
 
   train::EpochSampler sampler(pixels.size(0), recipe.seed);
   const int64_t stop = std::min(total, options.until.value_or(total));
+  // The global batch B is drawn alike on every rank; this rank trains on rows [b0, b0 + b).
   const int64_t B = recipe.batch_size;
+  const int64_t b = B / group.size(), b0 = b * group.rank();
+  auto local = [&](const torch::Tensor& global) { return global.narrow(0, b0, b); };
   SigintGuard sigint;
   g_interrupted = false;
-  ProgressBar bar("distill", total, "it", g);
+  std::optional<ProgressBar> bar;  // rank 0's
+  if (main_rank) bar.emplace("distill", total, "it", g);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed_s = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
   auto interval_start = std::chrono::steady_clock::now();
 
   for (size_t s = start.stage; s < recipe.stages.size(); ++s) {
@@ -298,6 +322,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     student_model.recommended = {stage.student_steps, 1.0, diffusion::SamplerKind::kEuler};
     student_model.name = stage.name;
     auto write_samples = [&](int64_t step) {
+      if (!main_rank) return;
       torch::NoGradGuard no_grad;
       student->eval();
       generate::GenerateRequest req;
@@ -339,12 +364,14 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
 
     // The stage's LoRA as a kohya file (applies to this stage's teacher), then merged.
     auto save_and_merge_lora = [&] {
-      fs::create_directories(stage_dir);
-      models::save_kohya_lora(*student, (stage_dir / "lora.safetensors").string(), "lora_unet_",
-                              c10::nullopt,
-                              {{"ss_network_dim", std::to_string(stage.lora_rank)},
-                               {"ss_network_alpha", fmt::format("{:g}", stage.lora_alpha)},
-                               {"lightning_stage", stage.name}});
+      if (main_rank) {
+        fs::create_directories(stage_dir);
+        models::save_kohya_lora(*student, (stage_dir / "lora.safetensors").string(), "lora_unet_",
+                                c10::nullopt,
+                                {{"ss_network_dim", std::to_string(stage.lora_rank)},
+                                 {"ss_network_alpha", fmt::format("{:g}", stage.lora_alpha)},
+                                 {"lightning_stage", stage.name}});
+      }
       models::merge_lora(*student);
       lora_attached = false;
     };
@@ -375,6 +402,11 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       const auto student_params = values(student_named);
       const auto disc_named = train::named_params(*disc, "");
       const auto disc_params = values(disc_named);
+      {  // identical starting points on every rank (they are already, by construction)
+        auto all = student_params;
+        all.insert(all.end(), disc_params.begin(), disc_params.end());
+        group.broadcast(all);
+      }
       double lr = stage.learning_rate;
       if (phase.name == "full" && stage.full_learning_rate > 0) lr = stage.full_learning_rate;
       if (phase.objective == Objective::kX0Warmup && stage.x0_warmup_learning_rate > 0)
@@ -412,6 +444,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       }
 
       auto write_checkpoint = [&](int64_t step) {
+        if (!main_rank) return;
         io::write_directory_atomic(checkpoint_dir.string(), [&](const std::string& tmp) {
           // Base weights (adapters are not part of the state dict) and adapters separately.
           io::save_weights(*student, tmp + "/student.safetensors");
@@ -433,7 +466,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           io::save_safetensors(tmp + "/discriminator_optimizer.safetensors",
                                train::adam_state_tensors(d_opt, disc_named));
           io::write_json_file(tmp + "/state.json", {{"iteration", step},
-                                                    {"elapsed_s", elapsed_before + bar.elapsed_s()},
+                                                    {"elapsed_s", elapsed_before + elapsed_s()},
                                                     {"stage", s + 1},
                                                     {"phase", phase.name},
                                                     {"total_iterations", total}});
@@ -446,6 +479,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         auto loss = torch::mse_loss(prediction, target);
         g_opt.zero_grad();
         loss.backward();
+        group.average_gradients(student_params);
         m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
         g_opt.step();
         m["loss_mse"] = loss.item<double>();
@@ -454,17 +488,25 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       Interval interval;
       for (int64_t i = i0; i < phase.iterations && g < stop; ++i) {
         // ---- The batch (randomness per global iteration: exact resume).
-        const auto index = sampler.batch(g, B);
+        // Every draw is of the global batch (the same stream for any number of ranks); each
+        // rank then keeps its rows.
+        const auto iteration_start = std::chrono::steady_clock::now();
+        const double waited_before = group.collective_seconds();
+        group.heartbeat(g);
+        const auto index = local(sampler.batch(g, B));
         auto gen =
             train::torch_generator(train::mix_seed(recipe.seed, 2, static_cast<uint64_t>(g)));
+        const std::vector<int64_t> global_shape = {B, pixels.size(1), pixels.size(2),
+                                                   pixels.size(3)};
         const auto x0 = pixels.index_select(0, index);
         const auto label = labels.index_select(0, index);
-        const auto tmpl = torch::randint(0, templates, {B}, gen, torch::kInt64);
+        const auto tmpl = local(torch::randint(0, templates, {B}, gen, torch::kInt64));
         const auto context = caption_context.index_select(0, label * templates + tmpl);
-        const auto uncond = empty_context.expand({B, empty_context.size(1), empty_context.size(2)});
+        const auto uncond = empty_context.expand({b, empty_context.size(1), empty_context.size(2)});
         const auto t = grid_tensor.index_select(
-            0, torch::randint(0, static_cast<int64_t>(grid.size()), {B}, gen, torch::kInt64));
-        const auto eps = torch::randn(x0.sizes(), gen, torch::kFloat32);
+            0,
+            local(torch::randint(0, static_cast<int64_t>(grid.size()), {B}, gen, torch::kInt64)));
+        const auto eps = local(torch::randn(global_shape, gen, torch::kFloat32));
         const auto x_t = student_input(schedule, x0, eps, t);
         const auto teacher_denoiser = guided(teacher_fn, context, uncond, stage.teacher_guidance);
 
@@ -503,11 +545,11 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               const int64_t done_adv = adversarial_before + (phase.train_generator ? i : 0);
               const bool late =
                   done_adv >= static_cast<int64_t>(stage.renoise_switch * adversarial_total);
-              t_d = sample_timesteps(stage.renoise_timesteps,
-                                     late ? stage.renoise_weights_late : stage.renoise_weights, B,
-                                     gen);
-              const auto n1 = torch::randn(x0.sizes(), gen, torch::kFloat32);
-              const auto n2 = torch::randn(x0.sizes(), gen, torch::kFloat32);
+              t_d = local(sample_timesteps(
+                  stage.renoise_timesteps,
+                  late ? stage.renoise_weights_late : stage.renoise_weights, B, gen));
+              const auto n1 = local(torch::randn(global_shape, gen, torch::kFloat32));
+              const auto n2 = local(torch::randn(global_shape, gen, torch::kFloat32));
               real = diffusion::add_noise(schedule, target, n1, t_d);
               fake = diffusion::add_noise(schedule, x_prev, n2, t_d);
             }
@@ -525,6 +567,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               d_loss = discriminator_loss(real_logits, fake_logits);
               d_opt.zero_grad();
               d_loss.backward();
+              group.average_gradients(disc_params);
               m["grad_norm_d"] = clip(disc_params, recipe.max_grad_norm);
               d_opt.step();
             }
@@ -547,11 +590,33 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               g_loss.backward();
               for (auto& q : disc_params)
                 q.set_requires_grad(true);
+              group.average_gradients(student_params);
               m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
               g_opt.step();
               m["loss_g"] = g_loss.item<double>();
             }
           }
+        }
+        // The ranks' metrics averaged, and whether any rank was interrupted: every rank takes
+        // the same decisions below. Also each rank's compute time (without waiting on others).
+        bool interrupted = g_interrupted.load();
+        if (group.size() > 1) {
+          std::vector<double> v;
+          for (const auto& [name, x] : m)
+            v.push_back(x);
+          v.push_back(interrupted ? 1 : 0);
+          v.resize(v.size() + static_cast<size_t>(group.size()), 0.0);
+          v[m.size() + 1 + static_cast<size_t>(group.rank())] =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - iteration_start)
+                  .count() -
+              (group.collective_seconds() - waited_before);
+          v = group.sum(v);
+          size_t k = 0;
+          for (auto& [name, x] : m)
+            x = v[k++] / group.size();
+          interrupted = v[k++] > 0;
+          for (int r = 0; r < group.size(); ++r)
+            m[fmt::format("rank{}_compute_s", r)] = v[k++];
         }
         for (const auto& [name, v] : m)
           if (!std::isfinite(v))
@@ -563,7 +628,9 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         if (!ema.empty()) train::ema_update(ema, student_params, stage.ema_decay);
         interval.add(m);
         ++g;
-        bar.update(g, fmt::format("stage {} {} {}", s + 1, phase.name,
+        if (bar)
+          bar->update(g,
+                      fmt::format("stage {} {} {}", s + 1, phase.name,
                                   !adversarial ? fmt::format("mse {:.4f}", m["loss_mse"])
                                   : phase.train_generator
                                       ? fmt::format("G {:.3f} D {:.3f}", m["loss_g"], m["loss_d"])
@@ -575,7 +642,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           for (size_t k = 0; k < ema.size(); ++k)
             student_params[k].copy_(ema[k]);
         }
-        if (g % recipe.log_every == 0 || phase_done || g == stop) {
+        if (main_rank && (g % recipe.log_every == 0 || phase_done || g == stop)) {
           const auto now = std::chrono::steady_clock::now();
           const double secs = std::chrono::duration<double>(now - interval_start).count();
           interval_start = now;
@@ -586,7 +653,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                                  {"iteration", i + 1},
                                  {"lr", lr},
                                  {"images_per_s", interval.count * B / std::max(secs, 1e-9)},
-                                 {"elapsed_s", elapsed_before + bar.elapsed_s()}};
+                                 {"elapsed_s", elapsed_before + elapsed_s()}};
+          if (group.size() > 1) line["ranks"] = group.size();
           if (adversarial) line["lr_d"] = stage.discriminator_learning_rate;
           for (const auto& [k, v] : interval.sums)
             line[k] = v / interval.count;
@@ -603,16 +671,16 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           if (lora_attached) save_and_merge_lora();
           write_samples(g);
           student->eval();
-          generate::save_model(student_model, (stage_dir / "model").string(), torch::kFloat16);
+          if (main_rank)
+            generate::save_model(student_model, (stage_dir / "model").string(), torch::kFloat16);
           result.model_dirs.push_back((stage_dir / "model").string());
           spdlog::info("distill: stage {} ({}) done: {}", s + 1, stage.name,
                        (stage_dir / "model").string());
         }
-        const bool interrupted = g_interrupted.load();
         if (g % recipe.checkpoint_every == 0 || g == stop || stage_done || interrupted)
           write_checkpoint(g);
         if (interrupted) {
-          bar.finish();
+          if (bar) bar->finish();
           spdlog::warn(
               "distill: interrupted at iteration {}; checkpoint written (continue with --resume)",
               g);
@@ -622,20 +690,23 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         }
       }
       if (g >= stop && g < total) {
-        bar.finish();
+        group.barrier();  // rank 0's checkpoint is complete before any rank leaves
+        if (bar) bar->finish();
         spdlog::info("distill: stopped at iteration {} of {} (continue with --resume)", g, total);
         result.iterations = g;
         return result;
       }
     }
-    // The next stage's teacher: this stage's student as saved (what a resumed run loads too).
+    // The next stage's teacher: this stage's student as saved (what a resumed run loads too;
+    // every rank reads rank 0's files, so the run directory is shared by all ranks).
+    group.barrier();
     teacher = generate::load_model(result.model_dirs.back(), {});
     teacher.text_encoder->eval();
   }
-  bar.finish();
+  if (bar) bar->finish();
   result.iterations = g;
   spdlog::info("distill: {} stages done in {}", recipe.stages.size(),
-               format_duration(elapsed_before + bar.elapsed_s()));
+               format_duration(elapsed_before + elapsed_s()));
   return result;
 }
 

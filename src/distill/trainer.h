@@ -27,6 +27,10 @@
 
 #include "distill/recipe.h"
 
+namespace lightning::dist {
+class Group;
+}
+
 namespace lightning::distill {
 
 struct DistillOptions {
@@ -35,6 +39,10 @@ struct DistillOptions {
   bool resume = false;
   // Stops after this many iterations (over all stages) with a checkpoint: training in sessions.
   std::optional<int64_t> until;
+  // Data-parallel training (dist/group.h); null: a single process. Every rank draws the same
+  // global batch of `batch_size` and trains on its 1/size() share; gradients are averaged, so
+  // N ranks follow the single-process run. Rank 0 writes every file.
+  const dist::Group* group = nullptr;
 };
 
 struct DistillResult {

@@ -1,0 +1,276 @@
+#include "dist/group.h"
+
+#include <cstdlib>
+#include <thread>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+// libtorch's Gloo process group is compiled in when libtorch was built with it (Debian's is,
+// with libgloo-dev); its header hides the class unless USE_C10D_GLOO is defined.
+#if __has_include(<gloo/algorithm.h>)
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO 1
+#endif
+#define LIGHTNING_HAVE_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "core/error.h"
+
+namespace lightning::dist {
+namespace {
+
+// An environment variable as an integer in [lo, hi]; a usage error naming it otherwise.
+int int_env(const char* name, int lo, int hi, std::optional<int> fallback = std::nullopt) {
+  const char* raw = std::getenv(name);
+  if (!raw || !*raw) {
+    if (fallback) return *fallback;
+    fail_usage(
+        "{} is not set (WORLD_SIZE is: a distributed launch needs RANK, WORLD_SIZE, "
+        "MASTER_ADDR and MASTER_PORT)",
+        name);
+  }
+  char* end = nullptr;
+  const long v = std::strtol(raw, &end, 10);
+  if (*end != '\0' || v < lo || v > hi)
+    fail_usage("{}={} is not an integer in [{}, {}]", name, raw, lo, hi);
+  return static_cast<int>(v);
+}
+
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+std::string first_line(const std::string& s) {
+  return s.substr(0, s.find('\n'));
+}
+
+const std::string kPrefix = "lightning/";
+
+}  // namespace
+
+std::optional<LaunchEnv> launch_env_from_environment() {
+  const char* world = std::getenv("WORLD_SIZE");
+  if (!world || !*world) return std::nullopt;
+  LaunchEnv env;
+  env.world_size = int_env("WORLD_SIZE", 1, 1 << 16);
+  env.rank = int_env("RANK", 0, env.world_size - 1);
+  env.local_rank = int_env("LOCAL_RANK", 0, env.world_size - 1, env.rank);
+  const char* addr = std::getenv("MASTER_ADDR");
+  env.master_addr = addr && *addr ? addr : "";
+  if (env.master_addr.empty() && env.world_size > 1)
+    fail_usage("MASTER_ADDR is not set (the host of rank 0, where the ranks meet)");
+  env.master_port = int_env("MASTER_PORT", 1, 65535,
+                            env.world_size > 1 ? std::nullopt : std::optional<int>(29500));
+  return env;
+}
+
+struct Group::Impl {
+  int rank = 0, size = 1;
+  std::string where;  // MASTER_ADDR:MASTER_PORT
+  std::chrono::milliseconds timeout{0};
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  mutable double waited_s = 0;
+
+  // Which peers stopped: every rank that is still alive leaves a mark in the store, and those
+  // that leave none within a few seconds are named. If the store itself is gone, rank 0 is.
+  std::string diagnose() const {
+    try {
+      store->set(kPrefix + "alive/" + std::to_string(rank), std::vector<uint8_t>{1});
+      std::vector<int> missing;
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+      for (;;) {
+        missing.clear();
+        for (int r = 0; r < size; ++r)
+          if (!store->check({kPrefix + "alive/" + std::to_string(r)})) missing.push_back(r);
+        if (missing.empty() || std::chrono::steady_clock::now() > deadline) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+      if (missing.empty()) return "a collective failed on every rank";
+      std::string names;
+      for (int r : missing) {
+        std::string last = "none";
+        const auto key = kPrefix + "step/" + std::to_string(r);
+        if (store->check({key})) {
+          const auto v = store->get(key);
+          last.assign(v.begin(), v.end());
+        }
+        names += fmt::format("{}rank {} (last iteration: {})", names.empty() ? "" : ", ", r, last);
+      }
+      return fmt::format("{} of {} stopped responding", names, size);
+    } catch (const std::exception&) {
+      return fmt::format("rank 0, which hosts the rendezvous at {}, stopped responding", where);
+    }
+  }
+
+  // Runs a collective; a failure becomes one line naming the rank that stopped.
+  template <typename F>
+  void collective(const char* what, F&& f) const {
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      f();
+      waited_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    } catch (const c10::Error& e) {
+      fail("rank {}: {} failed: {} ({})", rank, what, diagnose(),
+           first_line(e.what_without_backtrace()));
+    } catch (const std::exception& e) {
+      fail("rank {}: {} failed: {} ({})", rank, what, diagnose(), first_line(e.what()));
+    }
+  }
+};
+
+Group::Group() : impl_(std::make_unique<Impl>()) {}
+Group::~Group() = default;
+Group::Group(Group&&) noexcept = default;
+Group& Group::operator=(Group&&) noexcept = default;
+
+Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout) {
+  Group group;
+  auto& d = *group.impl_;
+  d.rank = env.rank;
+  d.size = env.world_size;
+  d.timeout = timeout;
+  if (env.world_size == 1) return group;
+  d.where = fmt::format("{}:{}", env.master_addr, env.master_port);
+  const auto seconds = std::chrono::duration<double>(timeout).count();
+  try {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<uint16_t>(env.master_port);
+    o.isServer = env.rank == 0;
+    o.numWorkers = env.world_size;
+    o.waitWorkers = true;
+    o.timeout = timeout;
+    d.store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+  } catch (const std::exception& e) {
+    fail(
+        "rank {}: no rendezvous with {} ranks at MASTER_ADDR:MASTER_PORT = {} within {:g} s "
+        "({})",
+        env.rank, env.world_size, d.where, seconds, first_line(e.what()));
+  }
+#ifndef LIGHTNING_HAVE_GLOO
+  fail(
+      "rank {}: this build has no Gloo (libtorch's CPU process group): rebuild with the gloo "
+      "headers (Debian: libgloo-dev) to train on {} processes",
+      env.rank, env.world_size);
+#else
+  try {
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    // Loopback jobs stay on loopback; otherwise GLOO_SOCKET_IFNAME picks the interface, as in
+    // PyTorch, or the address of this host's name.
+    if (is_loopback(env.master_addr)) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    options->threads = 2;
+    d.pg = c10::make_intrusive<c10d::ProcessGroupGloo>(d.store, env.rank, env.world_size, options);
+  } catch (const std::exception& e) {
+    fail("rank {}: the Gloo process group over {} did not form within {:g} s ({})", env.rank,
+         d.where, seconds, first_line(e.what()));
+  }
+#endif
+  spdlog::debug("dist: rank {} of {} joined at {}", env.rank, env.world_size, d.where);
+  return group;
+}
+
+int Group::rank() const {
+  return impl_->rank;
+}
+int Group::size() const {
+  return impl_->size;
+}
+double Group::collective_seconds() const {
+  return impl_->waited_s;
+}
+
+void Group::average_gradients(const std::vector<at::Tensor>& params, int64_t bucket_bytes) const {
+  if (size() == 1) return;
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params) {
+    if (!p.grad().defined()) const_cast<torch::Tensor&>(p).mutable_grad() = torch::zeros_like(p);
+    grads.push_back(p.grad());
+  }
+  torch::NoGradGuard no_grad;
+  size_t begin = 0;
+  while (begin < grads.size()) {
+    // A bucket: consecutive gradients of one dtype, up to bucket_bytes (at least one).
+    size_t end = begin;
+    int64_t bytes = 0;
+    while (end < grads.size() && grads[end].scalar_type() == grads[begin].scalar_type() &&
+           (end == begin || bytes + grads[end].nbytes() <= static_cast<size_t>(bucket_bytes))) {
+      bytes += static_cast<int64_t>(grads[end].nbytes());
+      ++end;
+    }
+    std::vector<torch::Tensor> flat_parts;
+    for (size_t k = begin; k < end; ++k)
+      flat_parts.push_back(grads[k].reshape({-1}));
+    std::vector<torch::Tensor> flat = {torch::cat(flat_parts)};
+    impl_->collective("gradient all-reduce", [&] { impl_->pg->allreduce(flat)->wait(); });
+    flat[0].div_(size());
+    int64_t offset = 0;
+    for (size_t k = begin; k < end; ++k) {
+      const int64_t n = grads[k].numel();
+      grads[k].copy_(flat[0].narrow(0, offset, n).view_as(grads[k]));
+      offset += n;
+    }
+    begin = end;
+  }
+}
+
+void Group::broadcast(const std::vector<at::Tensor>& tensors) const {
+  if (size() == 1) return;
+  torch::NoGradGuard no_grad;
+  for (const auto& t : tensors) {
+    std::vector<torch::Tensor> one = {t.detach().is_contiguous() ? t.detach()
+                                                                 : t.detach().contiguous()};
+    impl_->collective("broadcast", [&] { impl_->pg->broadcast(one)->wait(); });
+    if (!t.is_contiguous()) t.detach().copy_(one[0]);
+  }
+}
+
+std::vector<double> Group::sum(const std::vector<double>& values) const {
+  if (size() == 1 || values.empty()) return values;
+  std::vector<torch::Tensor> t = {torch::tensor(values, torch::kFloat64)};
+  impl_->collective("all-reduce of metrics", [&] { impl_->pg->allreduce(t)->wait(); });
+  const auto* p = t[0].data_ptr<double>();
+  return std::vector<double>(p, p + values.size());
+}
+
+void Group::barrier() const {
+  if (size() == 1) return;
+  impl_->collective("barrier", [&] { impl_->pg->barrier()->wait(); });
+}
+
+void Group::require_same(const std::string& what, const std::string& value) const {
+  if (size() == 1) return;
+  const auto key = [&](int r) { return kPrefix + "same/" + what + "/" + std::to_string(r); };
+  std::vector<std::string> values(static_cast<size_t>(size()));
+  impl_->collective("start-up check", [&] {
+    impl_->store->set(key(rank()), std::vector<uint8_t>(value.begin(), value.end()));
+    for (int r = 0; r < size(); ++r) {
+      const auto v = impl_->store->get(key(r));  // waits for the key, up to the timeout
+      values[static_cast<size_t>(r)].assign(v.begin(), v.end());
+    }
+  });
+  for (int r = 1; r < size(); ++r)
+    if (values[static_cast<size_t>(r)] != values[0])
+      fail("{} differ between rank 0 and rank {}: every rank must be started with the same", what,
+           r);
+}
+
+void Group::heartbeat(int64_t step) const {
+  if (size() == 1) return;
+  const auto s = std::to_string(step);
+  impl_->collective("heartbeat", [&] {
+    impl_->store->set(kPrefix + "step/" + std::to_string(rank()),
+                      std::vector<uint8_t>(s.begin(), s.end()));
+  });
+}
+
+}  // namespace lightning::dist

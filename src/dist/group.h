@@ -1,0 +1,79 @@
+// Data-parallel training over libtorch's c10d: a TCPStore rendezvous and a Gloo process group
+// (CPU tensors). Processes are started as torchrun starts them, with RANK, WORLD_SIZE,
+// LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the environment (or by `--nproc N`, which sets
+// them for N local processes: dist/launch.h).
+//
+// A Group of one process (the default) makes every collective the identity, so training code
+// calls them unconditionally. When a peer dies or stops answering, the collective fails within
+// the timeout and the error names the rank that stopped (from the heartbeats every rank leaves
+// in the store), instead of hanging.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace at {
+class Tensor;
+}
+
+namespace lightning::dist {
+
+// Where this process sits in a job, from torchrun's variables.
+struct LaunchEnv {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+};
+
+// LaunchEnv from the environment; nullopt when WORLD_SIZE is unset (a single process). A
+// variable that is missing or malformed while WORLD_SIZE is set: a usage error naming it.
+std::optional<LaunchEnv> launch_env_from_environment();
+
+class Group {
+ public:
+  // A single process.
+  Group();
+  ~Group();
+  Group(Group&&) noexcept;
+  Group& operator=(Group&&) noexcept;
+
+  // Joins the job: rank 0 hosts the store at MASTER_ADDR:MASTER_PORT, the others connect to
+  // it (an unreachable address fails within `timeout`, naming it); then the Gloo group.
+  // `timeout` also bounds every collective.
+  static Group connect(const LaunchEnv& env, std::chrono::milliseconds timeout);
+
+  int rank() const;
+  int size() const;
+  bool is_main() const { return rank() == 0; }
+
+  // Sums, then divides by size(), the gradients of `params` in place, packed into buckets of at
+  // most `bucket_bytes` (one all-reduce per bucket). A parameter without a gradient counts as
+  // zero and gets one, so that every rank reduces the same buckets.
+  void average_gradients(const std::vector<at::Tensor>& params,
+                         int64_t bucket_bytes = 25 << 20) const;
+  // Copies rank 0's values into `tensors` on every rank (in place, same shapes).
+  void broadcast(const std::vector<at::Tensor>& tensors) const;
+  // The element-wise sum over ranks of a few numbers (metrics, flags).
+  std::vector<double> sum(const std::vector<double>& values) const;
+  void barrier() const;
+  // Fails on every rank when some rank's `value` differs from rank 0's, naming `what` (plural:
+  // "the recipe and options") and the rank.
+  void require_same(const std::string& what, const std::string& value) const;
+  // Seconds this rank has spent in collectives so far (waiting on the others, mostly): what
+  // separates a straggler's compute time from everyone's wall time.
+  double collective_seconds() const;
+  // Records how far this rank got (an iteration), for the error when a peer stops.
+  void heartbeat(int64_t step) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lightning::dist
