@@ -123,7 +123,7 @@ TEST(Dist, LaunchEnvironmentIsReadAndCheckedNamingTheVariable) {
 
 // The whole quick recipe (MSE, LoRA and full adversarial phases, the x0 switch, re-noising,
 // discriminator warm-up, EMA, stage handovers) on one process and on two with the same global
-// batch: the same training, up to float rounding.
+// batch: the same training, up to float rounding; and a two-rank run stopped and resumed.
 TEST(Dist, TwoProcessesFollowOneProcess) {
   const auto dir = test::temp_dir();
   auto one = test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir +
@@ -179,6 +179,21 @@ TEST(Dist, TwoProcessesFollowOneProcess) {
       EXPECT_NEAR(y, x, 1e-2 * x) << "grad_norm_g at step " << a["step"];
     }
   }
+  // Stopped inside stage 2's LoRA phase and resumed on two ranks (each reads rank 0's
+  // checkpoint): bit-identical to the straight two-rank run.
+  auto part = test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir +
+                                  "/resumed --nproc 2 --threads 2 --until 15");
+  ASSERT_EQ(part.exit_code, 0) << part.output;
+  auto rest = test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir +
+                                  "/resumed --nproc 2 --threads 2 --resume");
+  ASSERT_EQ(rest.exit_code, 0) << rest.output;
+  for (const char* file :
+       {"checkpoint/student.safetensors", "checkpoint/discriminator.safetensors"}) {
+    io::SafetensorsFile a(dir + "/two/" + file), b(dir + "/resumed/" + file);
+    for (const auto& name : a.keys())
+      ASSERT_TRUE(torch::equal(a.get(name), b.get(name))) << file << ": " << name;
+  }
+
   // Rank 0 logs for both, with each rank's compute time.
   const auto first = nlohmann::json::parse(lines_two.front());
   EXPECT_EQ(first.value("ranks", 0), 2);
