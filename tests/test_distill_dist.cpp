@@ -126,11 +126,13 @@ TEST(Dist, LaunchEnvironmentIsReadAndCheckedNamingTheVariable) {
 // batch: the same training, up to float rounding; and a two-rank run stopped and resumed.
 TEST(Dist, TwoProcessesFollowOneProcess) {
   const auto dir = test::temp_dir();
-  auto one = test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir +
-                                 "/one --threads 1");
+  auto distill = [&](const std::string& run, const std::string& flags) {
+    return test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir + "/" + run +
+                               " " + flags);
+  };
+  auto one = distill("one", "--threads 1");
   ASSERT_EQ(one.exit_code, 0) << one.output;
-  auto two = test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir +
-                                 "/two --nproc 2 --threads 2");
+  auto two = distill("two", "--nproc 2 --threads 2");
   ASSERT_EQ(two.exit_code, 0) << two.output;
   EXPECT_NE(two.output.find("launched 2 ranks"), std::string::npos) << two.output;
   // Rank 0 alone prints the stage directories.
@@ -181,11 +183,9 @@ TEST(Dist, TwoProcessesFollowOneProcess) {
   }
   // Stopped inside stage 2's LoRA phase and resumed on two ranks (each reads rank 0's
   // checkpoint): bit-identical to the straight two-rank run.
-  auto part = test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir +
-                                  "/resumed --nproc 2 --threads 2 --until 15");
+  auto part = distill("resumed", "--nproc 2 --threads 2 --until 15");
   ASSERT_EQ(part.exit_code, 0) << part.output;
-  auto rest = test::run_lightning("distill --recipe " + quick_recipe() + " --out " + dir +
-                                  "/resumed --nproc 2 --threads 2 --resume");
+  auto rest = distill("resumed", "--nproc 2 --threads 2 --resume");
   ASSERT_EQ(rest.exit_code, 0) << rest.output;
   for (const char* file :
        {"checkpoint/student.safetensors", "checkpoint/discriminator.safetensors"}) {

@@ -155,13 +155,15 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   if (recipe.batch_size % group.size() != 0)
     fail_usage("{}: [train] batch_size = {} does not split evenly over {} ranks", recipe.file,
                recipe.batch_size, group.size());
-  {  // every rank runs the same recipe and options (the recipe's text, not just its name)
+  // The recipe's text: checked alike on every rank (not just its name), kept beside the results.
+  std::string recipe_text;
+  {
     std::ifstream in(recipe.file, std::ios::binary);
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    group.require_same("the recipe and options",
-                       fmt::format("{}\n--out {} --resume {} --until {}", text, out.string(),
-                                   options.resume, options.until.value_or(0)));
+    recipe_text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
+  group.require_same("the recipe and options",
+                     fmt::format("{}\n--out {} --resume {} --until {}", recipe_text, out.string(),
+                                 options.resume, options.until.value_or(0)));
   group.barrier();  // every rank has checked before rank 0 creates anything
   if (main_rank) {
     std::error_code ec;
@@ -193,7 +195,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       fail("{} [[stages]] #{}: teacher_steps {} exceeds the schedule's {} timesteps", recipe.file,
            s + 1, st.teacher_steps, T);
   }
-  if (main_rank) train::keep_recipe_copy(recipe.file, out.string());  // beside the results
+  if (main_rank && !recipe_text.empty())
+    io::write_file_atomic((out / "recipe.toml").string(), recipe_text);
 
   // ---- Data, captions and their (frozen) text encodings.
   auto dataset = data::load_fashion_mnist(data::Split::kTrain, recipe.data_dir);
