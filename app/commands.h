@@ -14,6 +14,7 @@ void add_train_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 void add_distill_command(CLI::App& app);
+void add_cache_command(CLI::App& app);
 
 // Adds the shared --threads option (default: all cores) to a compute subcommand.
 void add_threads_option(CLI::App& command, int* threads);

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   lightning::app::add_tokenize_command(app);
   lightning::app::add_train_command(app);
   lightning::app::add_distill_command(app);
+  lightning::app::add_cache_command(app);
   lightning::app::add_generate_command(app);
   lightning::app::add_eval_command(app);
   try {

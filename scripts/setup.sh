@@ -16,6 +16,7 @@ packages=(
   libicu-dev zlib1g-dev # CLIP tokenizer: Unicode case mapping and regex; the .gz vocabulary
   dataset-fashion-mnist # the built-in training data (IDX files)
   libpng-dev            # PNG images with text metadata
+  libjpeg-dev libwebp-dev libarchive-dev  # training data: JPEG/WebP images in WebDataset tar shards
   libtomlplusplus-dev   # training recipes (TOML)
   libstb-dev            # stb_easy_font: labels of loss-curve plots
   libgtest-dev libgmock-dev

@@ -63,6 +63,16 @@ void ProgressBar::draw(bool final) {
   std::string tail = fmt::format("{}/{} [{}<{}, {}]{}{}", done_, total_, format_duration(elapsed),
                                  final ? "0s" : format_duration(eta), rate_text,
                                  suffix_.empty() ? "" : " ", suffix_);
+  if (total_ <= 0) {  // an unknown total (a stream): the count, time and rate only
+    tail = fmt::format("{} {} [{}, {}]{}{}", done_, unit_, format_duration(elapsed), rate_text,
+                       suffix_.empty() ? "" : " ", suffix_);
+    if (tty_)
+      std::fprintf(stderr, "\r\033[K%s %s%s", label_.c_str(), tail.c_str(), final ? "\n" : "");
+    else
+      std::fprintf(stderr, "%s %s\n", label_.c_str(), tail.c_str());
+    std::fflush(stderr);
+    return;
+  }
   if (tty_) {
     constexpr int kWidth = 24;
     int filled = static_cast<int>(frac * kWidth);

@@ -75,6 +75,7 @@ struct Group::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
   mutable double waited_s = 0;
+  mutable int64_t gathers = 0;  // all_gather calls so far (their store keys)
 
   // Which peers stopped: every rank that is still alive leaves a mark in the store, and those
   // that leave none within a few seconds are named. If the store itself is gone, rank 0 is.
@@ -247,19 +248,27 @@ void Group::barrier() const {
   impl_->collective("barrier", [&] { impl_->pg->barrier()->wait(); });
 }
 
-void Group::require_same(const std::string& what, const std::string& value) const {
-  if (size() == 1) return;
-  const auto key = [&](int r) { return kPrefix + "same/" + what + "/" + std::to_string(r); };
+std::vector<std::string> Group::all_gather(const std::string& what,
+                                           const std::string& value) const {
+  if (size() == 1) return {value};
+  // Every rank makes the same calls in the same order: a call counter makes the keys unique.
+  const auto call = std::to_string(impl_->gathers++);
+  const auto key = [&](int r) { return kPrefix + "gather/" + call + "/" + std::to_string(r); };
   std::vector<std::string> values(static_cast<size_t>(size()));
-  impl_->collective("start-up check", [&] {
+  impl_->collective(what.c_str(), [&] {
     impl_->store->set(key(rank()), std::vector<uint8_t>(value.begin(), value.end()));
     for (int r = 0; r < size(); ++r) {
       const auto v = impl_->store->get(key(r));  // waits for the key, up to the timeout
       values[static_cast<size_t>(r)].assign(v.begin(), v.end());
     }
   });
-  for (int r = 1; r < size(); ++r)
-    if (values[static_cast<size_t>(r)] != values[0])
+  return values;
+}
+
+void Group::require_same(const std::string& what, const std::string& value) const {
+  const auto values = all_gather("start-up check", value);
+  for (size_t r = 1; r < values.size(); ++r)
+    if (values[r] != values[0])
       fail("{} differ between rank 0 and rank {}: every rank must be started with the same", what,
            r);
 }

@@ -65,6 +65,9 @@ class Group {
   // Fails on every rank when some rank's `value` differs from rank 0's, naming `what` (plural:
   // "the recipe and options") and the rank.
   void require_same(const std::string& what, const std::string& value) const;
+  // Every rank's `value`, in rank order, on every rank (through the store: small values only,
+  // such as each rank's data position for a checkpoint). `what` names it in errors.
+  std::vector<std::string> all_gather(const std::string& what, const std::string& value) const;
   // Seconds this rank has spent in collectives so far (waiting on the others, mostly): what
   // separates a straggler's compute time from everyone's wall time.
   double collective_seconds() const;

@@ -214,8 +214,30 @@ DistillRecipe DistillRecipe::from_json(const nlohmann::json& json, const std::st
   }
   {
     io::ConfigReader d(section(root, "data"), file + " [data]");
-    d.expect("dataset", "fashion-mnist");
-    r.data_dir = d.get_string("dir", data::kFashionMnistDir);
+    r.dataset = d.get_string("dataset", r.dataset);
+    if (r.dataset == "fashion-mnist") {
+      r.data_dir = d.get_string("dir", data::kFashionMnistDir);
+    } else if (r.dataset == "webdataset" || r.dataset == "image-folder") {
+      if (r.dataset == "webdataset")
+        r.source.shards = d.require_string("shards");
+      else
+        r.source.image_folder = d.require_string("dir");
+      r.source.shuffle_buffer = d.get_int("shuffle_buffer", r.source.shuffle_buffer);
+      r.source.folder_shard_size = d.get_int("folder_shard_size", r.source.folder_shard_size);
+      r.resolution = d.get_int("resolution", 0);
+      r.max_aspect = d.get_double("max_aspect", r.max_aspect);
+      r.random_crop = d.get_bool("random_crop", r.random_crop);
+      if (r.source.folder_shard_size < 1) d.fail_key("folder_shard_size", "must be >= 1");
+      if (r.resolution < 0) d.fail_key("resolution", "must be >= 0 (0: the model's size)");
+      if (!(r.max_aspect >= 1)) d.fail_key("max_aspect", "must be >= 1 (1: square crops only)");
+    } else if (r.dataset == "cache") {
+      r.data_dir = d.require_string("dir");
+      r.source.shuffle_buffer = d.get_int("shuffle_buffer", r.source.shuffle_buffer);
+    } else {
+      d.fail_key("dataset",
+                 fmt::format("'{}' is not one of fashion-mnist, webdataset, image-folder, cache",
+                             r.dataset));
+    }
     d.refuse_unknown_keys();
   }
   {
@@ -239,8 +261,10 @@ DistillRecipe DistillRecipe::from_json(const nlohmann::json& json, const std::st
     r.sample_per_class = s.get_int("per_class", r.sample_per_class);
     r.sample_seed = static_cast<uint64_t>(s.get_int("seed", 0));
     if (r.sample_per_class < 1) s.fail_key("per_class", "must be >= 1");
+    if (!s.get_raw("prompts").is_null()) r.sample_prompts = s.require_string_list("prompts");
     s.refuse_unknown_keys();
   }
+  r.source.seed = r.seed;
   auto stages = root.get_raw("stages");
   if (!stages.is_array() || stages.empty())
     root.fail_key("stages", "missing: one [[stages]] table per stage");

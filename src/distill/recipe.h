@@ -31,6 +31,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "data/stream.h"
 #include "diffusion/scheduler_config.h"
 #include "models/discriminator.h"
 #include "models/lora.h"
@@ -104,12 +105,22 @@ struct StageRecipe {
 struct DistillRecipe {
   std::string file;
   std::string teacher;  // model directory or shipped name, as written
+  // [data]: dataset = "fashion-mnist" (in memory, from data_dir), "webdataset" (tar shards),
+  // "image-folder" (images with caption files), streamed through `source` in aspect-ratio
+  // buckets of about resolution^2 pixels (0: the model's sample size), or "cache" (data_dir made
+  // by `lightning cache`: encoded inputs and captions, its own buckets).
+  std::string dataset = "fashion-mnist";
   std::string data_dir;
+  data::DataSource source;
+  int64_t resolution = 0;
+  double max_aspect = 1.0;  // 1: square crops only
+  bool random_crop = true;
   uint64_t seed = 0;
   int64_t batch_size = 32;
   double max_grad_norm = 1.0;  // <= 0: no clipping
   int64_t log_every = 10, sample_every = 200, checkpoint_every = 100;
-  int64_t sample_per_class = 4;
+  int64_t sample_per_class = 4;             // images per sample prompt
+  std::vector<std::string> sample_prompts;  // [sample] prompts; empty: the ten class prompts
   uint64_t sample_seed = 0;
   std::vector<StageRecipe> stages;
 

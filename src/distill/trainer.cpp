@@ -18,7 +18,9 @@
 
 #include "core/error.h"
 #include "core/progress.h"
+#include "data/buckets.h"
 #include "data/fashion_mnist.h"
+#include "data/stream.h"
 #include "diffusion/noise_schedule.h"
 #include "diffusion/parameterization.h"
 #include "dist/group.h"
@@ -31,6 +33,7 @@
 #include "io/state_dict.h"
 #include "models/discriminator.h"
 #include "models/lora.h"
+#include "train/cache.h"
 #include "train/train_util.h"
 
 namespace lightning::distill {
@@ -198,9 +201,13 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   if (main_rank && !recipe_text.empty())
     io::write_file_atomic((out / "recipe.toml").string(), recipe_text);
 
-  // ---- Data, captions and their (frozen) text encodings.
-  auto dataset = data::load_fashion_mnist(data::Split::kTrain, recipe.data_dir);
-  const auto pixels = data::to_model_pixels(dataset.images);
+  // ---- Data, captions and their (frozen) text encodings. Fashion-MNIST is held in memory and
+  // its class captions encoded once; streamed data (tar shards, an image folder) comes in
+  // bucketed batches whose captions are encoded as they arrive.
+  const bool streamed = recipe.dataset != "fashion-mnist";
+  data::FashionMnist dataset;
+  if (!streamed) dataset = data::load_fashion_mnist(data::Split::kTrain, recipe.data_dir);
+  const auto pixels = streamed ? torch::Tensor() : data::to_model_pixels(dataset.images);
   const auto labels = dataset.labels;
   const int64_t templates = static_cast<int64_t>(data::caption_templates().size());
   std::vector<std::string> captions;
@@ -266,12 +273,48 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   for (const auto& line : kept_metrics)
     add_to_curves(line);
 
-  train::EpochSampler sampler(pixels.size(0), recipe.seed);
+  train::EpochSampler sampler(streamed ? 1 : pixels.size(0), recipe.seed);
   const int64_t stop = std::min(total, options.until.value_or(total));
   // The global batch B is drawn alike on every rank; this rank trains on rows [b0, b0 + b).
   const int64_t B = recipe.batch_size;
   const int64_t b = B / group.size(), b0 = b * group.rank();
   auto local = [&](const torch::Tensor& global) { return global.narrow(0, b0, b); };
+  // Streamed data: each rank reads its own shards into batches of b from one bucket.
+  std::optional<data::SampleStream> stream;
+  std::optional<data::BucketBatcher> batcher;
+  if (streamed) {
+    auto source = recipe.source;
+    int64_t resolution = recipe.resolution > 0 ? recipe.resolution : teacher.sample_size();
+    double max_aspect = recipe.max_aspect;
+    if (recipe.dataset == "cache") {  // encoded already, in the cache's buckets
+      const auto index = train::read_cache_index(recipe.data_dir, teacher);
+      source.shards = (fs::path(recipe.data_dir) / index.at("shards").get<std::string>()).string();
+      resolution = index.at("resolution").get<int64_t>();
+      max_aspect = index.at("max_aspect").get<double>();
+    }
+    stream.emplace(source, group.rank(), group.size());
+    data::BatcherOptions batching;
+    batching.batch_size = b;
+    batching.channels = teacher.image_channels();
+    batching.buckets = data::make_buckets(resolution, teacher.size_multiple(), max_aspect);
+    batching.random_crop = recipe.random_crop;
+    batching.seed = recipe.seed;
+    batcher.emplace(*stream, batching);
+    const auto data_file = checkpoint_dir / "data.json";
+    if (options.resume && g > 0) {
+      if (!fs::exists(data_file))
+        fail("{}: missing; the checkpoint was not made with streamed data", data_file.string());
+      const auto saved = io::read_json_file(data_file.string()).at("ranks");
+      if (static_cast<int>(saved.size()) != group.size())
+        fail("{}: the data position was saved by {} rank(s); resume with {}", data_file.string(),
+             saved.size(), saved.size());
+      batcher->restore(saved.at(static_cast<size_t>(group.rank())));
+    }
+    spdlog::info("data: {} shard(s), {} bucket(s) of about {}x{} pixels, batches of {} per rank",
+                 stream->num_shards(), batching.buckets.size(),
+                 batching.buckets[batching.buckets.size() / 2].height,
+                 batching.buckets[batching.buckets.size() / 2].width, b);
+  }
   SigintGuard sigint;
   g_interrupted = false;
   std::optional<ProgressBar> bar;  // rank 0's
@@ -329,9 +372,12 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       torch::NoGradGuard no_grad;
       student->eval();
       generate::GenerateRequest req;
-      for (int64_t c = 0; c < data::kFashionMnistClasses; ++c)
+      std::vector<std::string> prompts = recipe.sample_prompts;
+      for (int64_t c = 0; prompts.empty() && c < data::kFashionMnistClasses; ++c)
+        prompts.push_back(data::class_prompt(c));
+      for (const auto& prompt : prompts)
         for (int64_t k = 0; k < recipe.sample_per_class; ++k)
-          req.prompts.push_back(data::class_prompt(c));
+          req.prompts.push_back(prompt);
       req.steps = stage.student_steps;
       req.guidance_scale = 1.0;
       req.sampler = diffusion::SamplerKind::kEuler;
@@ -344,7 +390,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               .string(),
           grid,
           {{"parameters", fmt::format("stage {} ({}), iteration {}, {} steps, Euler, no "
-                                      "CFG; rows: the 10 classes",
+                                      "CFG; rows: the sample prompts",
                                       s + 1, stage.name, step, stage.student_steps)}});
     };
 
@@ -447,6 +493,13 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       }
 
       auto write_checkpoint = [&](int64_t step) {
+        // Every rank's data position (all ranks take part; rank 0 writes them).
+        nlohmann::json data_state;
+        if (batcher) {
+          data_state = nlohmann::json::array();
+          for (const auto& r : group.all_gather("data position", batcher->state().dump()))
+            data_state.push_back(nlohmann::json::parse(r));
+        }
         if (!main_rank) return;
         io::write_directory_atomic(checkpoint_dir.string(), [&](const std::string& tmp) {
           // Base weights (adapters are not part of the state dict) and adapters separately.
@@ -468,6 +521,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                                train::adam_state_tensors(g_opt, student_named));
           io::save_safetensors(tmp + "/discriminator_optimizer.safetensors",
                                train::adam_state_tensors(d_opt, disc_named));
+          if (batcher) io::write_json_file(tmp + "/data.json", {{"ranks", data_state}});
           io::write_json_file(tmp + "/state.json", {{"iteration", step},
                                                     {"elapsed_s", elapsed_before + elapsed_s()},
                                                     {"stage", s + 1},
@@ -496,15 +550,35 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         const auto iteration_start = std::chrono::steady_clock::now();
         const double waited_before = group.collective_seconds();
         group.heartbeat(g);
-        const auto index = local(sampler.batch(g, B));
         auto gen =
             train::torch_generator(train::mix_seed(recipe.seed, 2, static_cast<uint64_t>(g)));
-        const std::vector<int64_t> global_shape = {B, pixels.size(1), pixels.size(2),
-                                                   pixels.size(3)};
-        const auto x0 = pixels.index_select(0, index);
-        const auto label = labels.index_select(0, index);
-        const auto tmpl = local(torch::randint(0, templates, {B}, gen, torch::kInt64));
-        const auto context = caption_context.index_select(0, label * templates + tmpl);
+        torch::Tensor x0, context;
+        if (streamed) {
+          auto batch = batcher->next();
+          torch::NoGradGuard no_grad;
+          if (batch.cached) {
+            x0 = batch.pixels;
+            context = batch.context;
+            if (context.dim() != 3 || context.size(2) != empty_context.size(2))
+              fail(
+                  "{}: the cached text encodings are {}-wide but the teacher's are {}: the cache "
+                  "was made with another text encoder",
+                  recipe.data_dir, context.size(-1), empty_context.size(2));
+          } else {
+            // Latent models train on the VAE's latent means (deterministic, as a cache holds).
+            x0 = teacher.is_latent()
+                     ? teacher.vae->config.to_unet_latent(teacher.vae->encode(batch.pixels).mean)
+                     : batch.pixels;
+            context = generate::encode_prompts(teacher, batch.captions);
+          }
+        } else {
+          const auto index = local(sampler.batch(g, B));
+          x0 = pixels.index_select(0, index);
+          const auto label = labels.index_select(0, index);
+          const auto tmpl = local(torch::randint(0, templates, {B}, gen, torch::kInt64));
+          context = caption_context.index_select(0, label * templates + tmpl);
+        }
+        const std::vector<int64_t> global_shape = {B, x0.size(1), x0.size(2), x0.size(3)};
         const auto uncond = empty_context.expand({b, empty_context.size(1), empty_context.size(2)});
         const auto t = grid_tensor.index_select(
             0,
@@ -658,6 +732,10 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                                  {"images_per_s", interval.count * B / std::max(secs, 1e-9)},
                                  {"elapsed_s", elapsed_before + elapsed_s()}};
           if (group.size() > 1) line["ranks"] = group.size();
+          if (stream) {  // rank 0's stream (the others' skips are in their logs)
+            line["data_epoch"] = stream->position().epoch;
+            line["data_skipped"] = stream->stats().skipped;
+          }
           if (adversarial) line["lr_d"] = stage.discriminator_learning_rate;
           for (const auto& [k, v] : interval.sums)
             line[k] = v / interval.count;

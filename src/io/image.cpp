@@ -117,28 +117,44 @@ void write_png(const std::string& path, const torch::Tensor& image,
   }
 }
 
-PngImage read_png(const std::string& path) {
-  std::unique_ptr<FILE, FileCloser> file(std::fopen(path.c_str(), "rb"));
-  if (!file) fail("{}: cannot open: {}", path, std::strerror(errno));
-  unsigned char signature[8];
-  if (std::fread(signature, 1, 8, file.get()) != 8 || png_sig_cmp(signature, 0, 8) != 0)
-    fail("{}: not a PNG file", path);
+namespace {
+
+// libpng reads an in-memory PNG through this cursor.
+struct MemoryCursor {
+  const unsigned char* data;
+  size_t size, offset;
+};
+void read_from_memory(png_structp png, png_bytep out, png_size_t length) {
+  auto* cursor = static_cast<MemoryCursor*>(png_get_io_ptr(png));
+  if (length > cursor->size - cursor->offset) png_error(png, "truncated data");
+  std::memcpy(out, cursor->data + cursor->offset, length);
+  cursor->offset += length;
+}
+
+}  // namespace
+
+PngImage decode_png(const std::string& bytes, const std::string& what) {
+  const auto* data = reinterpret_cast<const unsigned char*>(bytes.data());
+  if (bytes.size() < 8 || png_sig_cmp(data, 0, 8) != 0) fail("{}: not a PNG file", what);
   std::string error;
   png_structp png =
       png_create_read_struct(PNG_LIBPNG_VER_STRING, &error, on_png_error, on_png_warning);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
   if (!png || !info) {
     png_destroy_read_struct(&png, &info, nullptr);
-    fail("{}: libpng could not start", path);
+    fail("{}: libpng could not start", what);
   }
   PngImage out;
   torch::Tensor hwc;
   if (setjmp(png_jmpbuf(png))) {
     png_destroy_read_struct(&png, &info, nullptr);
-    fail("{}: corrupt PNG: {}", path, error);
+    fail("{}: corrupt PNG: {}", what, error);
   }
-  png_init_io(png, file.get());
+  MemoryCursor cursor{data, bytes.size(), 8};
+  png_set_read_fn(png, &cursor, read_from_memory);
   png_set_sig_bytes(png, 8);
+  // A header that claims more pixels than any training image has is refused before allocation.
+  png_set_user_limits(png, kMaxImageSide, kMaxImageSide);
   png_read_info(png, info);
   // Normalise to 8-bit grey, grey+alpha, RGB or RGBA.
   png_set_strip_16(png);
@@ -152,7 +168,7 @@ PngImage read_png(const std::string& path) {
   const auto H = static_cast<int64_t>(png_get_image_height(png, info));
   const auto C = static_cast<int64_t>(png_get_channels(png, info));
   if (static_cast<int64_t>(png_get_rowbytes(png, info)) != W * C)
-    fail("{}: unexpected PNG row layout", path);
+    fail("{}: unexpected PNG row layout", what);
   hwc = torch::empty({H, W, C}, torch::kUInt8);
   std::vector<png_bytep> rows(static_cast<size_t>(H));
   for (int64_t y = 0; y < H; ++y)
@@ -168,6 +184,18 @@ PngImage read_png(const std::string& path) {
   png_destroy_read_struct(&png, &info, nullptr);
   out.pixels = hwc.permute({2, 0, 1}).contiguous();
   return out;
+}
+
+PngImage read_png(const std::string& path) {
+  std::unique_ptr<FILE, FileCloser> file(std::fopen(path.c_str(), "rb"));
+  if (!file) fail("{}: cannot open: {}", path, std::strerror(errno));
+  std::string bytes;
+  char buffer[1 << 16];
+  size_t got;
+  while ((got = std::fread(buffer, 1, sizeof buffer, file.get())) > 0)
+    bytes.append(buffer, got);
+  if (std::ferror(file.get())) fail("{}: read failed: {}", path, std::strerror(errno));
+  return decode_png(bytes, path);
 }
 
 torch::Tensor make_grid(const torch::Tensor& images, int64_t cols, int64_t padding,

@@ -23,8 +23,14 @@ struct PngImage {
   std::map<std::string, std::string> text;  // tEXt / iTXt / zTXt chunks
 };
 
+// The largest width or height a decoder accepts (a header claiming more is refused before any
+// allocation, so a corrupt or hostile file cannot exhaust memory).
+constexpr int64_t kMaxImageSide = 16384;
+
 // Reads an 8-bit or 16-bit grey/grey-alpha/RGB/RGBA/palette PNG (16-bit is reduced to 8).
 PngImage read_png(const std::string& path);
+// The same from the bytes of a PNG file; `what` names it in errors.
+PngImage decode_png(const std::string& bytes, const std::string& what);
 
 // Tiles images [B, C, H, W] into one [C, rows * H + pad, cols * W + pad] grid, row-major, with
 // `padding` pixels of `pad_value` between tiles. cols = 0 picks ceil(sqrt(B)).

@@ -1,5 +1,6 @@
 // mmap reader and atomic writer for safetensors files (format: see safetensors_format.h).
 #include "io/safetensors.h"
+#include "io/safetensors_bytes.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -196,14 +197,16 @@ void SafetensorsFile::release(const std::string& name) const {
     fail("{}: tensor '{}': madvise failed: {}", path_, name, std::strerror(errno));
 }
 
-void save_safetensors(const std::string& path,
-                      const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
-  // Validate and build the header before touching the file system, so that a refused save
-  // leaves nothing behind.
+namespace {
+
+// The header of a safetensors file holding `tensors` (validated; `path` names the file in
+// errors) and the tensors as contiguous CPU copies, in order.
+std::string build_header(const std::string& path,
+                         const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                         const std::map<std::string, std::string>& metadata,
+                         std::vector<torch::Tensor>* contiguous) {
   std::set<std::string> seen;
-  std::vector<torch::Tensor> contiguous;
-  contiguous.reserve(tensors.size());
+  contiguous->reserve(tensors.size());
   std::string header = "{";
   if (!metadata.empty()) {
     header += "\"__metadata__\":{";
@@ -237,7 +240,7 @@ void save_safetensors(const std::string& path,
     header += "],\"data_offsets\":[" + std::to_string(offset) + ',' +
               std::to_string(offset + bytes) + "]}";
     offset += bytes;
-    contiguous.push_back(std::move(cpu));
+    contiguous->push_back(std::move(cpu));
   }
   header += '}';
   // The reference writer pads the header with spaces so that the data section starts 8-byte
@@ -246,6 +249,49 @@ void save_safetensors(const std::string& path,
   if (header.size() > kMaxHeaderBytes)
     fail("{}: header of {} bytes exceeds the {}-byte limit", path, header.size(), kMaxHeaderBytes);
 
+  return header;
+}
+
+}  // namespace
+
+std::string encode_safetensors(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                               const std::map<std::string, std::string>& metadata,
+                               const std::string& what) {
+  std::vector<torch::Tensor> contiguous;
+  const std::string header = build_header(what, tensors, metadata, &contiguous);
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i)
+    out[static_cast<size_t>(i)] =
+        static_cast<char>(static_cast<uint64_t>(header.size()) >> (8 * i));
+  out += header;
+  for (const auto& t : contiguous)
+    out.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
+  return out;
+}
+
+std::map<std::string, torch::Tensor> decode_safetensors(
+    const std::string& bytes, const std::string& what,
+    std::map<std::string, std::string>* metadata) {
+  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
+  const auto header = parse_safetensors_header(data, bytes.size(), what);
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& e : header.tensors) {
+    auto t = torch::empty(e.shape, torch::TensorOptions().dtype(to_torch(e.dtype)));
+    if (e.end > e.begin)
+      std::memcpy(t.data_ptr(), data + header.data_start + e.begin, e.end - e.begin);
+    out.emplace(e.name, std::move(t));
+  }
+  if (metadata) *metadata = header.metadata;
+  return out;
+}
+
+void save_safetensors(const std::string& path,
+                      const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  // Validate and build the header before touching the file system, so that a refused save
+  // leaves nothing behind.
+  std::vector<torch::Tensor> contiguous;
+  const std::string header = build_header(path, tensors, metadata, &contiguous);
   const std::string temp = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail("{}: cannot create {}: {}", path, temp, std::strerror(errno));

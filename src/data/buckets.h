@@ -1,0 +1,95 @@
+// Aspect-ratio bucketing (as NovelAI and SDXL train): a set of image sizes of about the same area
+// with different aspect ratios; every image goes to the bucket closest to its own aspect ratio,
+// is resized to cover it and cropped to it, and a batch holds images of one bucket. SDXL's size
+// and crop conditioning (time_ids) is set from what was actually done to the image.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+#include <nlohmann/json.hpp>
+
+#include "data/stream.h"
+
+namespace lightning::data {
+
+struct Bucket {
+  int64_t height = 0, width = 0;
+  bool operator==(const Bucket& o) const { return height == o.height && width == o.width; }
+};
+
+// Buckets of area <= resolution^2 whose sides are multiples of `divisor`, from the tallest to the
+// widest allowed by `max_aspect` (>= 1; 1 gives the square alone): for every width w (a multiple
+// of divisor), the largest height h with h * w <= resolution^2, kept when
+// max(h, w) / min(h, w) <= max_aspect, and the tall mirrors. Resolution 1024, divisor 64,
+// max_aspect 4 gives SDXL's sizes (1024x1024, 1152x896 (w x h), 1216x832, 1344x768, 1536x640, ...
+// 2048x512), without the few lower-area neighbours SDXL's list also has (e.g. 1024x960).
+std::vector<Bucket> make_buckets(int64_t resolution, int64_t divisor, double max_aspect);
+
+// The bucket whose aspect ratio is closest to h/w (on a log scale; ties: the first).
+size_t nearest_bucket(const std::vector<Bucket>& buckets, int64_t height, int64_t width);
+
+// An image fitted to a bucket, with SDXL's micro-conditioning:
+// time_ids = (original height, original width, crop top, crop left, target height, target width),
+// the crop in the coordinates of the resized image (as diffusers' SDXL training scripts do).
+struct Fitted {
+  torch::Tensor pixels;  // float [C, h, w] in [-1, 1]
+  std::array<int64_t, 6> time_ids{};
+};
+
+// Resizes uint8 [C, H, W] (bilinear, antialiased) so that it covers `bucket`, then crops to it:
+// at a random offset drawn from `seed` (random_crop) or at the centre; converts to `channels`.
+Fitted fit_to_bucket(const torch::Tensor& image, const Bucket& bucket, int64_t channels,
+                     bool random_crop, uint64_t seed);
+
+struct Batch {
+  // float [B, C, h, w] in [-1, 1], one bucket; for cached samples the model's input space
+  // (latents for latent models) and `context` holds the captions' text encodings.
+  torch::Tensor pixels;
+  torch::Tensor context;
+  bool cached = false;
+  torch::Tensor time_ids;  // int64 [B, 6]
+  std::vector<std::string> captions;
+  std::vector<std::string> keys;  // "shard-name:key", for logs
+  Bucket bucket;
+};
+
+struct BatcherOptions {
+  int64_t batch_size = 1;
+  int64_t channels = 3;
+  std::vector<Bucket> buckets;  // one bucket: fixed-size training
+  bool random_crop = true;
+  uint64_t seed = 0;  // crop offsets: drawn per sample from (seed, epoch, shard, ordinal)
+};
+
+// Turns a SampleStream into batches: samples wait in their bucket until it holds batch_size,
+// then the bucket is emitted. The state (the stream position and the samples waiting) is small
+// JSON, so a resumed run continues with the same batches.
+class BucketBatcher {
+ public:
+  BucketBatcher(SampleStream& stream, BatcherOptions options);
+  Batch next();
+  nlohmann::json state() const;
+  void restore(const nlohmann::json& state);  // throws Error on a state of other buckets or data
+
+ private:
+  struct Waiting {
+    int64_t epoch;
+    SampleKey where;
+    Fitted fitted;
+    torch::Tensor context;  // cached samples only
+    std::string caption, name;
+  };
+  void add(Sample sample);
+  size_t bucket_of_cached(const Sample& sample) const;
+  SampleStream& stream_;
+  BatcherOptions options_;
+  std::vector<std::vector<Waiting>> waiting_;  // per bucket
+};
+
+}  // namespace lightning::data

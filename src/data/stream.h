@@ -1,0 +1,100 @@
+// A stream of training samples from tar shards or an image folder, for any number of ranks:
+// every epoch the shard list is shuffled alike on all ranks and rank r reads shards r, r + W,
+// r + 2W, ... (so each sample is seen by one rank per epoch); samples pass through a shuffle
+// buffer; records that cannot be used (a corrupt image, a caption that is not UTF-8, a missing
+// member) are skipped, counted and logged, and a truncated shard yields what precedes the damage.
+//
+// The position (epoch, records taken) is all a checkpoint needs: restore() replays the epoch
+// from its start reading only tar headers, then reloads the records left in the shuffle buffer,
+// so a resumed stream yields exactly what the uninterrupted one would have.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "data/shards.h"
+
+namespace lightning::data {
+
+struct DataSource {
+  std::string shards;                // WebDataset tar shards: brace patterns separated by "::"
+  std::string image_folder;          // or a folder of images with caption files
+  int64_t folder_shard_size = 1000;  // images per shard of an image folder
+  int64_t shuffle_buffer = 1000;     // records; <= 1: file order
+  uint64_t seed = 0;
+};
+
+struct StreamPosition {
+  int64_t epoch = 0;
+  int64_t taken = 0;  // records taken out of the shuffle buffer in this epoch (bad ones included)
+  nlohmann::json to_json() const { return {{"epoch", epoch}, {"taken", taken}}; }
+  static StreamPosition from_json(const nlohmann::json& json);
+};
+
+struct StreamStats {
+  int64_t samples = 0;         // usable samples delivered
+  int64_t skipped = 0;         // records skipped (corrupt image, bad caption, missing member)
+  int64_t damaged_shards = 0;  // shard reads that ended at damage (truncation, bad header)
+};
+
+class SampleStream {
+ public:
+  // Lists the shards (checking that every tar shard exists) and starts at epoch 0. Throws Error
+  // naming the missing file, or if there are fewer shards than ranks.
+  SampleStream(const DataSource& source, int rank = 0, int world = 1);
+  ~SampleStream();
+
+  // The next usable sample, with its epoch and key; epochs follow one another without end.
+  // Throws Error if a whole epoch gives this rank no usable sample.
+  Sample next();
+
+  StreamPosition position() const { return {epoch_, taken_}; }
+  // Moves to `position` (of a stream with the same source, seed, rank and world).
+  void restore(const StreamPosition& position);
+
+  // Reads and decodes the given samples again (random access by scanning their shards), in the
+  // order given. Throws Error if one cannot be found or decoded any more.
+  std::vector<Sample> load(const std::vector<std::pair<int64_t, SampleKey>>& epoch_keys);
+
+  const StreamStats& stats() const { return stats_; }
+  // A resumed stream carries on the counts of the run it continues.
+  void set_stats(const StreamStats& stats) { stats_ = stats; }
+  int64_t num_shards() const { return static_cast<int64_t>(names_.size()); }
+  const std::string& shard_name(int64_t shard) const {
+    return names_.at(static_cast<size_t>(shard));
+  }
+  // The shards this rank reads in `epoch`, in order.
+  std::vector<int64_t> shards_of_epoch(int64_t epoch) const;
+
+ private:
+  struct Record {
+    SampleKey key;
+    RawSample raw;
+  };
+  std::unique_ptr<ShardReader> open(int64_t shard) const;
+  void start_epoch(int64_t epoch);
+  bool pull(bool load);                  // one record from the shards into the buffer
+  bool take(Record* record, bool load);  // one record out of the buffer; false at epoch end
+  void note_skip(const std::string& what);
+
+  DataSource source_;
+  int rank_, world_;
+  std::vector<std::string> names_;          // shard names (tar paths, or folder:first..last)
+  std::vector<FolderShard> folder_shards_;  // image folder only
+  int64_t epoch_ = 0, taken_ = 0;
+  std::vector<int64_t> order_;  // this rank's shards in this epoch
+  size_t next_shard_ = 0;
+  std::unique_ptr<ShardReader> reader_;
+  int64_t reader_shard_ = -1, reader_ordinal_ = 0;
+  std::vector<Record> buffer_;
+  std::mt19937_64 rng_;
+  int64_t usable_in_epoch_ = 0;
+  StreamStats stats_;
+};
+
+}  // namespace lightning::data

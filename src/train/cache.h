@@ -1,0 +1,45 @@
+// `lightning cache`: encodes a data set once for training. Every usable image is fitted to its
+// aspect-ratio bucket (centre crop), put into the model's space (the VAE's latent mean for latent
+// models, the pixels for pixel-space ones), and its caption text-encoded; the results are written
+// as WebDataset tar shards whose samples are small safetensors members (x, context, time_ids)
+// with the caption beside them. A recipe's [data] dataset = "cache" then reads these shards
+// through the same stream as images (shuffle buffer, ranks, exact resume) and skips the encoders.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "data/stream.h"
+#include "generate/pipeline.h"
+
+namespace lightning::train {
+
+// The cache directory's index, cache.json.
+constexpr const char* kCacheIndex = "cache.json";
+
+struct CacheOptions {
+  std::string out_dir;
+  int64_t shard_size = 1000;             // samples per tar shard
+  int64_t text_batch = 32;               // captions encoded at once
+  torch::Dtype dtype = torch::kFloat16;  // of x and context (time_ids are int64)
+  int64_t resolution = 0;                // bucket resolution (0: the model's sample size)
+  double max_aspect = 1.0;
+};
+
+struct CacheResult {
+  int64_t samples = 0, skipped = 0, shards = 0;
+  nlohmann::json index;  // what cache.json holds
+};
+
+// Reads one epoch of `source` (file order, one rank) and writes the cache directory atomically
+// (an existing one is replaced only when the new one is complete). `model_name` is recorded.
+CacheResult write_cache(const generate::TextToImageModel& model, const std::string& model_name,
+                        const data::DataSource& source, const CacheOptions& options);
+
+// Reads `dir`/cache.json and checks it was made for a model like `model` (text encoding width,
+// input channels); returns the index. Throws Error naming the file and the mismatch.
+nlohmann::json read_cache_index(const std::string& dir, const generate::TextToImageModel& model);
+
+}  // namespace lightning::train
