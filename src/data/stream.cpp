@@ -174,55 +174,54 @@ void SampleStream::restore(const StreamPosition& position) {
           "records): the data changed since the checkpoint",
           position.epoch, position.taken, taken_);
   // The records still in the buffer were read without their bytes: read them again.
-  std::map<int64_t, std::vector<size_t>> by_shard;
-  for (size_t i = 0; i < buffer_.size(); ++i)
-    by_shard[buffer_[i].key.shard].push_back(i);
-  for (auto& [shard, slots] : by_shard) {
-    auto reader = open(shard);
-    std::sort(slots.begin(), slots.end(),
-              [&](size_t a, size_t b) { return buffer_[a].key.ordinal < buffer_[b].key.ordinal; });
-    RawSample raw;
-    int64_t ordinal = 0;
-    for (size_t slot : slots) {
-      const int64_t want = buffer_[slot].key.ordinal;
-      bool found = false;
-      while (!found && ordinal <= want && reader->next(raw, ordinal == want))
-        found = ordinal++ == want;
-      if (!found || raw.key != buffer_[slot].raw.key)
-        fail(
-            "data: {}: record {} ({}) cannot be read again: the shard changed since the checkpoint",
-            shard_name(shard), want, buffer_[slot].raw.key);
-      buffer_[slot].raw = std::move(raw);
-    }
+  std::vector<SampleKey> keys;
+  for (const auto& record : buffer_)
+    keys.push_back(record.key);
+  auto raws = reread(keys);
+  for (size_t i = 0; i < buffer_.size(); ++i) {
+    if (raws[i].key != buffer_[i].raw.key)
+      fail("data: {}: record {} ({}) cannot be read again: the shard changed since the checkpoint",
+           shard_name(keys[i].shard), keys[i].ordinal, buffer_[i].raw.key);
+    buffer_[i].raw = std::move(raws[i]);
   }
   // The samples before the position were counted by the run that took them.
   usable_in_epoch_ = std::max<int64_t>(usable_in_epoch_, position.taken > 0 ? 1 : 0);
 }
 
-std::vector<Sample> SampleStream::load(
-    const std::vector<std::pair<int64_t, SampleKey>>& epoch_keys) {
+std::vector<RawSample> SampleStream::reread(const std::vector<SampleKey>& keys) const {
   std::map<int64_t, std::vector<size_t>> by_shard;
-  for (size_t i = 0; i < epoch_keys.size(); ++i)
-    by_shard[epoch_keys[i].second.shard].push_back(i);
-  std::vector<Sample> out(epoch_keys.size());
+  for (size_t i = 0; i < keys.size(); ++i)
+    by_shard[keys[i].shard].push_back(i);
+  std::vector<RawSample> out(keys.size());
   for (auto& [shard, slots] : by_shard) {
-    std::sort(slots.begin(), slots.end(), [&](size_t a, size_t b) {
-      return epoch_keys[a].second.ordinal < epoch_keys[b].second.ordinal;
-    });
+    std::sort(slots.begin(), slots.end(),
+              [&](size_t a, size_t b) { return keys[a].ordinal < keys[b].ordinal; });
     auto reader = open(shard);
-    RawSample raw;
-    int64_t ordinal = -1;
+    int64_t ordinal = -1;  // of the record last read
     for (size_t slot : slots) {
-      const int64_t want = epoch_keys[slot].second.ordinal;
-      while (ordinal < want && reader->next(raw, /*load=*/ordinal + 1 == want))
+      const int64_t want = keys[slot].ordinal;
+      // Skim up to the record, then read its bytes.
+      while (ordinal < want && reader->next(out[slot], /*load=*/ordinal + 1 == want))
         ++ordinal;
       if (ordinal != want)
         fail("data: {}: record {} cannot be read again: the shard changed since the checkpoint",
              shard_name(shard), want);
-      out[slot] = decode_sample(raw, shard_name(shard));
-      out[slot].where = epoch_keys[slot].second;
-      out[slot].epoch = epoch_keys[slot].first;
     }
+  }
+  return out;
+}
+
+std::vector<Sample> SampleStream::load(
+    const std::vector<std::pair<int64_t, SampleKey>>& epoch_keys) {
+  std::vector<SampleKey> keys;
+  for (const auto& [epoch, key] : epoch_keys)
+    keys.push_back(key);
+  const auto raws = reread(keys);
+  std::vector<Sample> out;
+  for (size_t i = 0; i < raws.size(); ++i) {
+    out.push_back(decode_sample(raws[i], shard_name(keys[i].shard)));
+    out.back().where = keys[i];
+    out.back().epoch = epoch_keys[i].first;
   }
   return out;
 }

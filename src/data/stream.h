@@ -77,6 +77,8 @@ class SampleStream {
     RawSample raw;
   };
   std::unique_ptr<ShardReader> open(int64_t shard) const;
+  // The records at `keys` with their bytes, in the order given (each shard scanned once).
+  std::vector<RawSample> reread(const std::vector<SampleKey>& keys) const;
   void start_epoch(int64_t epoch);
   bool pull(bool load);                  // one record from the shards into the buffer
   bool take(Record* record, bool load);  // one record out of the buffer; false at epoch end
