@@ -97,7 +97,8 @@ TEST(SdxlPipeline, Bf16StaysClose) {
 
 TEST(SdxlPipeline, WeightsHeldInF16GiveTheF32Images) {
   // The fixture's files are f16: held as they are (views of the mapped files) and converted
-  // layer by layer, the f32 computation is exactly that of converting at load.
+  // layer by layer, the f32 computation is that of converting at load. Bit-identical with
+  // libtorch 1.13; libtorch 2.11 (16 threads) differed in the last bits, hence 1e-6.
   models::ModelLoadOptions load;
   load.weights_dtype = torch::kFloat16;
   for (const char* suffix : {"", "-negative"}) {
@@ -113,16 +114,17 @@ TEST(SdxlPipeline, WeightsHeldInF16GiveTheF32Images) {
     torch::Tensor want_latents, got_latents;
     const auto want = generate::generate(tiny_sdxl(), r, {}, &want_latents);
     const auto got = generate::generate(held, r, {}, &got_latents);
-    EXPECT_TRUE(torch::equal(got_latents, want_latents)) << suffix;
-    EXPECT_TRUE(torch::equal(got, want)) << suffix;
+    EXPECT_LT(test::relative_error(got_latents, want_latents), 1e-6) << suffix;
+    EXPECT_LT(test::relative_error(got, want), 1e-6) << suffix;
   }
   // The single-file path too.
   auto held = generate::load_single_file(
       test::source_path("tests/fixtures/sdxl/tiny-sdxl-single-file.safetensors"), load,
       {pipeline_dir(), ""});
   EXPECT_EQ(held.unet->conv_in->weight.scalar_type(), torch::kFloat16);
-  EXPECT_TRUE(torch::equal(generate::generate(held, request_of("")),
-                           generate::generate(tiny_sdxl(), request_of(""))));
+  EXPECT_LT(test::relative_error(generate::generate(held, request_of("")),
+                                  generate::generate(tiny_sdxl(), request_of(""))),
+            1e-6);
   // bf16 or f16 compute with narrower-or-other weights is refused by the CLI.
   auto cli = test::run_lightning("generate --model " + pipeline_dir() +
                                  " --prompt x --weights-dtype f16 --dtype bf16 --out " +

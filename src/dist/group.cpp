@@ -16,6 +16,7 @@
 #define LIGHTNING_HAVE_GLOO 1
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "core/error.h"
@@ -73,7 +74,12 @@ struct Group::Impl {
   std::string where;  // MASTER_ADDR:MASTER_PORT
   std::chrono::milliseconds timeout{0};
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+#ifdef LIGHTNING_HAVE_GLOO
+  // The concrete class: since libtorch 2.0 it is a c10d::Backend, no longer a ProcessGroup.
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+#else
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;  // never set: more than one process needs Gloo
+#endif
   mutable double waited_s = 0;
   mutable int64_t gathers = 0;  // all_gather calls so far (their store keys)
 
