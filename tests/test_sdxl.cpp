@@ -123,7 +123,7 @@ TEST(SdxlPipeline, WeightsHeldInF16GiveTheF32Images) {
       {pipeline_dir(), ""});
   EXPECT_EQ(held.unet->conv_in->weight.scalar_type(), torch::kFloat16);
   EXPECT_LT(test::relative_error(generate::generate(held, request_of("")),
-                                  generate::generate(tiny_sdxl(), request_of(""))),
+                                 generate::generate(tiny_sdxl(), request_of(""))),
             1e-6);
   // bf16 or f16 compute with narrower-or-other weights is refused by the CLI.
   auto cli = test::run_lightning("generate --model " + pipeline_dir() +
