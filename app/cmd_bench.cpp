@@ -55,6 +55,12 @@ void add_bench_command(CLI::App& app) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_flag("!--no-gemm", o.gemm, "Skip the GEMM peak reference");
+  cmd->add_flag("--train-step", o.train_step,
+                "UNet bench: time LoRA training steps (forward + backward) instead of forwards, "
+                "without and with gradient checkpointing");
+  cmd->add_option("--lora-rank", o.lora_rank, "--train-step: the LoRA's rank")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--vae", o.vae_presets,
                   "Benchmark VAE decodes instead of UNet forwards: sdxl, tiny")
       ->delimiter(',')

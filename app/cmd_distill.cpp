@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "app/commands.h"
+#include "app/device.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/system.h"
@@ -25,6 +26,7 @@ struct DistillArgs {
   bool resume = false;
   int64_t until = 0;
   int threads = 0;
+  std::string device = "cpu";
   int nproc = 1;
   int dist_timeout = 300;
 };
@@ -52,6 +54,10 @@ void add_distill_command(CLI::App& app) {
                   "continue later with --resume")
       ->check(CLI::PositiveNumber);
   add_threads_option(*cmd, &args->threads);
+  cmd->add_option("--device", args->device,
+                  "cpu or cuda[:N]: where the networks train (one process; data and noise are "
+                  "drawn on the CPU)")
+      ->capture_default_str();
   cmd->add_option("--nproc", args->nproc,
                   "Data-parallel processes on this machine (the batch is split between them; "
                   "--threads is shared out)")
@@ -66,6 +72,11 @@ void add_distill_command(CLI::App& app) {
             ? (std::filesystem::path("runs") / std::filesystem::path(args->recipe).stem()).string()
             : args->out;
     const auto env = dist::launch_env_from_environment();
+    if ((args->nproc > 1 || (env && env->world_size > 1)) && args->device != "cpu")
+      fail_usage(
+          "--device {}: several ranks train on the CPU only (Gloo); NCCL for GPUs is not in "
+          "this build yet",
+          args->device);
     if (args->nproc > 1) {
       if (env)
         fail_usage(
@@ -106,6 +117,7 @@ void add_distill_command(CLI::App& app) {
     options.out_dir = out;
     options.models_root = shipped_models_root();
     options.resume = args->resume;
+    options.device = parse_device(args->device);
     if (args->until > 0) options.until = args->until;
     const auto result = distill::run_distillation(recipe, options);
     if (group.is_main())

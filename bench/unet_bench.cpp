@@ -11,6 +11,7 @@
 #include "core/system.h"
 #include "diffusion/guidance.h"
 #include "generate/pipeline.h"
+#include "models/lora.h"
 #include "models/model_loader.h"
 #include "nn/layers.h"
 #include "text/clip_tokenizer.h"
@@ -217,9 +218,34 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
       double params = 0;
       for (const auto& p : unet->parameters())
         params += p.numel();
+      if (options.train_step) {
+        for (auto& p : unet->parameters())
+          p.set_requires_grad(false);
+        models::attach_lora(*unet, {options.lora_rank, static_cast<double>(options.lora_rank),
+                                    models::LoRAConfig{}.exclude});
+        unet->train();
+      }
       for (const auto latent : latents) {
-        reset_peaks(device);
         auto in = random_inputs(config, options.batch, latent, options.tokens, dtype, device);
+        if (options.train_step) {
+          torch::AutoGradMode grad_mode(true);
+          for (const bool checkpointing : {false, true}) {
+            unet->gradient_checkpointing = checkpointing;
+            reset_peaks(device);
+            auto row = timed_row(options, device, params, [&] {
+              unet->forward(in).to(torch::kFloat32).square().mean().backward();
+            });
+            row.what = fmt::format("LoRA-{} train step {} {}x{} batch {}{}", options.lora_rank,
+                                   target.name, latent, latent, options.batch,
+                                   checkpointing ? ", checkpointed" : "");
+            row.dtype = dt;
+            rows.push_back(row);
+            progress(fmt::format("{} {}: {:.3f} s/step, peak RSS {:.2f} GB, peak GPU {:.2f} GB",
+                                 row.what, dt, row.seconds, row.peak_rss_gb, row.peak_gpu_gb));
+          }
+          continue;
+        }
+        reset_peaks(device);
         auto row = timed_row(options, device, params, [&] { unet->forward(in); });
         row.what =
             fmt::format("unet {} {}x{} batch {}", target.name, latent, latent, options.batch);

@@ -73,14 +73,14 @@ TEST(TeacherTarget, EqualsAHandRolledGuidedDdimRollout) {
   const auto uncond = torch::randn({1, 5, config.cross_attention_dim[0]});
   const double scale = 3.0;
   ConditionedModel model = [&](const torch::Tensor& x, const torch::Tensor& t,
-                               const torch::Tensor& ctx) {
+                               const Conditioning& c) {
     models::UNetInputs in;
     in.sample = x;
     in.timestep = t;
-    in.encoder_hidden_states = ctx;
+    in.encoder_hidden_states = c.context;
     return unet->forward(in);
   };
-  const auto teacher = guided(model, cond, uncond, scale);
+  const auto teacher = guided(model, {cond}, {uncond}, scale);
   const auto x_t = torch::randn({3, 4, 16, 16});
   const auto t = torch::tensor({999, 499, 124}, torch::kInt64);  // on the 8-step trailing grid
   torch::Tensor t_prev;
@@ -94,8 +94,8 @@ TEST(TeacherTarget, EqualsAHandRolledGuidedDdimRollout) {
       if (path[k] < 0) break;
       const auto tt = torch::tensor({path[k]}, torch::kInt64);
       const auto xf = x.to(torch::kFloat32);
-      const auto c = model(xf, tt, cond).to(torch::kFloat64);
-      const auto u = model(xf, tt, uncond).to(torch::kFloat64);
+      const auto c = model(xf, tt, {cond}).to(torch::kFloat64);
+      const auto u = model(xf, tt, {uncond}).to(torch::kFloat64);
       const auto e = u + scale * (c - u);
       const double a = s.alpha_bar(path[k]), ap = s.alpha_bar(path[k + 1]);
       const auto x0 = (x - std::sqrt(1 - a) * e) / std::sqrt(a);

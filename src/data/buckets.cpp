@@ -113,10 +113,12 @@ size_t BucketBatcher::bucket_of_cached(const Sample& sample) const {
 void BucketBatcher::add(Sample sample) {
   if (!sample.cached.empty()) {  // fitted when cached: no resize, no crop
     const size_t b = bucket_of_cached(sample);
+    const auto pooled = sample.cached.find("pooled");
     Waiting w{sample.epoch,
               sample.where,
               {},
               sample.cached.at("context"),
+              pooled == sample.cached.end() ? torch::Tensor() : pooled->second,
               std::move(sample.caption),
               stream_.shard_name(sample.where.shard) + ":" + sample.key};
     w.fitted.pixels = sample.cached.at("x").to(torch::kFloat32);
@@ -133,6 +135,7 @@ void BucketBatcher::add(Sample sample) {
       fit_to_bucket(sample.image, options_.buckets[b], options_.channels, options_.random_crop,
                     crop_seed(options_.seed, sample.epoch, sample.where)),
       {},
+      {},
       std::move(sample.caption),
       stream_.shard_name(sample.where.shard) + ":" + sample.key};
   waiting_[b].push_back(std::move(w));
@@ -146,12 +149,13 @@ Batch BucketBatcher::next() {
       if (static_cast<int64_t>(queue.size()) < options_.batch_size) continue;
       Batch batch;
       batch.bucket = options_.buckets[b];
-      std::vector<torch::Tensor> pixels, contexts;
+      std::vector<torch::Tensor> pixels, contexts, pooled;
       auto ids = torch::empty({options_.batch_size, 6}, torch::kInt64);
       for (int64_t i = 0; i < options_.batch_size; ++i) {
         auto& w = queue[static_cast<size_t>(i)];
         pixels.push_back(w.fitted.pixels);
         if (w.context.defined()) contexts.push_back(w.context.to(torch::kFloat32));
+        if (w.pooled.defined()) pooled.push_back(w.pooled.to(torch::kFloat32));
         for (int k = 0; k < 6; ++k)
           ids[i][k] = w.fitted.time_ids[static_cast<size_t>(k)];
         batch.captions.push_back(std::move(w.caption));
@@ -164,6 +168,7 @@ Batch BucketBatcher::next() {
         if (contexts.size() != pixels.size())
           fail("data: a batch mixes cached samples and images: keep them in separate data sets");
         batch.context = torch::stack(contexts);
+        if (pooled.size() == contexts.size()) batch.pooled = torch::stack(pooled);
       }
       batch.time_ids = ids;
       return batch;

@@ -52,6 +52,7 @@ struct Batch {
   // (latents for latent models) and `context` holds the captions' text encodings.
   torch::Tensor pixels;
   torch::Tensor context;
+  torch::Tensor pooled;  // cached SDXL samples: the pooled text embeddings [B, P]
   bool cached = false;
   torch::Tensor time_ids;  // int64 [B, 6]
   std::vector<std::string> captions;
@@ -82,7 +83,7 @@ class BucketBatcher {
     int64_t epoch;
     SampleKey where;
     Fitted fitted;
-    torch::Tensor context;  // cached samples only
+    torch::Tensor context, pooled;  // cached samples only (pooled: SDXL's)
     std::string caption, name;
   };
   void add(Sample sample);

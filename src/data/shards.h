@@ -113,7 +113,8 @@ struct Sample {
   torch::Tensor image;  // uint8 [C, H, W], C = 1 or 3; undefined for a cached sample
   std::string caption;  // UTF-8, surrounding white space removed
   // A cached sample (a "safetensors" member, written by `lightning cache`): "x" (the image in the
-  // model's space, fitted to its bucket), "context" (the caption's text encoding) and "time_ids".
+  // model's space, fitted to its bucket), "context" (the caption's text encoding), "time_ids" and,
+  // for SDXL, "pooled" (the pooled text embeddings).
   std::map<std::string, torch::Tensor> cached;
 };
 

@@ -230,13 +230,16 @@ void Group::average_gradients(const std::vector<at::Tensor>& params, int64_t buc
   }
 }
 
-void Group::broadcast(const std::vector<at::Tensor>& tensors) const {
+void Group::broadcast(const std::vector<at::Tensor>& tensors, int root) const {
   if (size() == 1) return;
+  if (root < 0 || root >= size()) fail("broadcast: root rank {} is not in [0, {})", root, size());
   torch::NoGradGuard no_grad;
+  c10d::BroadcastOptions options;
+  options.rootRank = root;
   for (const auto& t : tensors) {
     std::vector<torch::Tensor> one = {t.detach().is_contiguous() ? t.detach()
                                                                  : t.detach().contiguous()};
-    impl_->collective("broadcast", [&] { impl_->pg->broadcast(one)->wait(); });
+    impl_->collective("broadcast", [&] { impl_->pg->broadcast(one, options)->wait(); });
     if (!t.is_contiguous()) t.detach().copy_(one[0]);
   }
 }

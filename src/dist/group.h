@@ -57,8 +57,8 @@ class Group {
   // zero and gets one, so that every rank reduces the same buckets.
   void average_gradients(const std::vector<at::Tensor>& params,
                          int64_t bucket_bytes = 25 << 20) const;
-  // Copies rank 0's values into `tensors` on every rank (in place, same shapes).
-  void broadcast(const std::vector<at::Tensor>& tensors) const;
+  // Copies rank `root`'s values into `tensors` on every rank (in place, same shapes).
+  void broadcast(const std::vector<at::Tensor>& tensors, int root = 0) const;
   // The element-wise sum over ranks of a few numbers (metrics, flags).
   std::vector<double> sum(const std::vector<double>& values) const;
   void barrier() const;

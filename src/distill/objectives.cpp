@@ -86,17 +86,45 @@ torch::Tensor teacher_target(const Denoiser& teacher, diffusion::PredictionType 
   return x;
 }
 
-Denoiser guided(ConditionedModel model, torch::Tensor cond, torch::Tensor uncond, double scale) {
+namespace {
+torch::Tensor expand_rows(const torch::Tensor& x, int64_t batch) {
+  if (!x.defined() || x.size(0) == batch) return x;
+  auto shape = x.sizes().vec();
+  shape[0] = batch;
+  return x.expand(shape);
+}
+torch::Tensor cat_defined(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.defined() != b.defined())
+    fail("conditioning: one half of the batch has {} and the other not",
+         a.defined() ? "a tensor" : "no tensor");
+  return a.defined() ? torch::cat({a, b}) : a;
+}
+}  // namespace
+
+Conditioning Conditioning::expand_to(int64_t batch) const {
+  return {expand_rows(context, batch), expand_rows(pooled, batch), expand_rows(time_ids, batch)};
+}
+
+Conditioning Conditioning::narrow(int64_t start, int64_t length) const {
+  auto rows = [&](const torch::Tensor& x) {
+    return x.defined() && x.size(0) > 1 ? x.narrow(0, start, length) : x;
+  };
+  return {rows(context), rows(pooled), rows(time_ids)};
+}
+
+Conditioning Conditioning::cat(const Conditioning& a, const Conditioning& b) {
+  return {cat_defined(a.context, b.context), cat_defined(a.pooled, b.pooled),
+          cat_defined(a.time_ids, b.time_ids)};
+}
+
+Denoiser guided(ConditionedModel model, Conditioning cond, Conditioning uncond, double scale) {
   return [model = std::move(model), cond = std::move(cond), uncond = std::move(uncond), scale](
              const torch::Tensor& x, const torch::Tensor& t) -> torch::Tensor {
     const int64_t B = x.size(0);
-    auto pick = [&](const torch::Tensor& ctx) {
-      // Contexts may be given for the full batch or as one row broadcast to every sample.
-      return ctx.size(0) == B ? ctx : ctx.expand({B, ctx.size(1), ctx.size(2)});
-    };
-    if (scale <= 1.0) return model(x, t, pick(cond));  // as diffusers: no CFG at scale <= 1
-    auto both =
-        model(torch::cat({x, x}), torch::cat({t, t}), torch::cat({pick(cond), pick(uncond)}));
+    // Conditioning may be given for the full batch or as one row broadcast to every sample.
+    if (scale <= 1.0) return model(x, t, cond.expand_to(B));  // as diffusers: no CFG at scale <= 1
+    auto both = model(torch::cat({x, x}), torch::cat({t, t}),
+                      Conditioning::cat(cond.expand_to(B), uncond.expand_to(B)));
     auto c = both.slice(0, 0, B), u = both.slice(0, B);
     return u + scale * (c - u);
   };

@@ -45,12 +45,23 @@ torch::Tensor teacher_target(const Denoiser& teacher, diffusion::PredictionType 
                              const torch::Tensor& t, int64_t n, int64_t teacher_steps,
                              torch::Tensor* t_prev = nullptr);
 
+// The UNet's conditioning of a batch: the text context [B, L, D]; for SDXL also the pooled text
+// embeddings [B, P] and the size/crop time ids [B, 6] (undefined otherwise). A batch of one row
+// stands for every sample.
+struct Conditioning {
+  torch::Tensor context, pooled, time_ids;
+  int64_t batch() const { return context.size(0); }
+  Conditioning expand_to(int64_t batch) const;  // one row broadcast to `batch` rows
+  Conditioning narrow(int64_t start, int64_t length) const;
+  static Conditioning cat(const Conditioning& a, const Conditioning& b);
+};
+
 // A denoiser with classifier-free guidance: uncond + scale (cond - uncond), both halves in one
 // batch of 2B. scale <= 1 runs the conditional model only (diffusers' rule). `forward` receives (x,
-// t, context).
+// t, conditioning).
 using ConditionedModel = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t,
-                                                     const torch::Tensor& context)>;
-Denoiser guided(ConditionedModel model, torch::Tensor cond, torch::Tensor uncond, double scale);
+                                                     const Conditioning& conditioning)>;
+Denoiser guided(ConditionedModel model, Conditioning cond, Conditioning uncond, double scale);
 
 // The student's one-step DDIM jump from x_t at t to t' (both [B]): the output becomes (x0, eps)
 // by its prediction type, then x_t' = sqrt(ab_t') x0 + sqrt(1 - ab_t') eps. `x0` (when not null)

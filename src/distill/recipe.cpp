@@ -245,6 +245,13 @@ DistillRecipe DistillRecipe::from_json(const nlohmann::json& json, const std::st
     r.seed = static_cast<uint64_t>(t.get_int("seed", 0));
     r.batch_size = t.get_int("batch_size", r.batch_size);
     r.max_grad_norm = t.get_double("max_grad_norm", r.max_grad_norm);
+    r.gradient_checkpointing = t.get_bool("gradient_checkpointing", r.gradient_checkpointing);
+    r.shard_optimizer = t.get_bool("shard_optimizer", r.shard_optimizer);
+    r.mixed_precision = t.get_string("mixed_precision", r.mixed_precision);
+    if (r.mixed_precision != "no" && r.mixed_precision != "bf16")
+      t.fail_key("mixed_precision",
+                 fmt::format("'{}' is not one of no, bf16 (fp16 would need loss scaling)",
+                             r.mixed_precision));
     if (r.batch_size < 1)
       t.fail_key("batch_size", fmt::format("must be >= 1, got {}", r.batch_size));
     t.refuse_unknown_keys();

@@ -4,7 +4,8 @@
 //   task = "distill"
 //   [teacher]  model = "fmnist-teacher"        (a model directory or a shipped model's name)
 //   [data]     dataset = "fashion-mnist", dir = ...
-//   [train]    seed, batch_size, max_grad_norm
+//   [train]    seed, batch_size, max_grad_norm, gradient_checkpointing, shard_optimizer,
+//              mixed_precision
 //   [log]      log_every, sample_every, checkpoint_every
 //   [sample]   per_class, seed                 (grids of every class as training goes)
 //   [[stages]] one table per stage, in order; the student of a stage is the next one's teacher.
@@ -118,6 +119,15 @@ struct DistillRecipe {
   uint64_t seed = 0;
   int64_t batch_size = 32;
   double max_grad_norm = 1.0;  // <= 0: no clipping
+  // Recompute the UNet blocks' activations in the backward pass (student and discriminator):
+  // less memory for about one more forward pass of compute (nn/checkpoint.h).
+  bool gradient_checkpointing = false;
+  // ZeRO stage 1: with several ranks, each keeps Adam's moments for its share of the parameters
+  // only (1/N of the optimiser memory) and broadcasts its updated share after each step.
+  bool shard_optimizer = false;
+  // "bf16": the networks' forward passes in bf16 autocast (METHOD.md §4: the paper's bf16 mixed
+  // precision), weights, gradients and Adam in float32; "no": float32 throughout.
+  std::string mixed_precision = "no";
   int64_t log_every = 10, sample_every = 200, checkpoint_every = 100;
   int64_t sample_per_class = 4;             // images per sample prompt
   std::vector<std::string> sample_prompts;  // [sample] prompts; empty: the ten class prompts

@@ -1,5 +1,6 @@
 #include "distill/trainer.h"
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -9,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <random>
 
@@ -18,6 +20,7 @@
 
 #include "core/error.h"
 #include "core/progress.h"
+#include "core/system.h"
 #include "data/buckets.h"
 #include "data/fashion_mnist.h"
 #include "data/stream.h"
@@ -101,6 +104,16 @@ double clip(const std::vector<torch::Tensor>& params, double max_norm) {
   return total_norm(params);
 }
 
+// Zeroes the gradients of every parameter (not only those of an optimiser, which with sharded
+// state holds just this rank's share).
+void zero_grads(const std::vector<torch::Tensor>& params) {
+  for (auto p : params)
+    if (p.grad().defined()) {
+      p.mutable_grad().detach_();
+      p.mutable_grad().zero_();
+    }
+}
+
 torch::optim::Adam make_adam(const std::vector<torch::Tensor>& params, double lr, double beta1,
                              double beta2) {
   return torch::optim::Adam(params, torch::optim::AdamOptions(lr).betas({beta1, beta2}).eps(1e-8));
@@ -113,15 +126,113 @@ std::vector<torch::Tensor> values(const std::vector<std::pair<std::string, torch
   return out;
 }
 
-// The UNet inputs of SD-1.x-style conditioning.
-models::UNetInputs text_inputs(const torch::Tensor& x, const torch::Tensor& t,
-                               const torch::Tensor& context) {
+// The UNet inputs: text context, and for SDXL the pooled embeddings and time ids.
+models::UNetInputs unet_inputs(const torch::Tensor& x, const torch::Tensor& t,
+                               const Conditioning& c) {
   models::UNetInputs in;
   in.sample = x;
   in.timestep = t;
-  in.encoder_hidden_states = context;
+  in.encoder_hidden_states = c.context;
+  in.text_embeds = c.pooled;
+  in.time_ids = c.time_ids;
   return in;
 }
+
+// ZeRO stage 1 ([train] shard_optimizer): every rank keeps the full weights and the averaged
+// gradients but Adam's moments only for its share of the parameters, updates that share and
+// broadcasts it. Shares are balanced by element count (largest first), alike on every rank.
+// Checkpoints gather the moments into the unsharded file, so a run may resume either way.
+class OptimizerShards {
+ public:
+  OptimizerShards(const std::vector<torch::Tensor>& params, int ranks)
+      : owner_(params.size(), 0), ranks_(ranks) {
+    std::vector<size_t> order(params.size());
+    std::iota(order.begin(), order.end(), size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return params[a].numel() > params[b].numel(); });
+    std::vector<int64_t> load(static_cast<size_t>(ranks), 0);
+    for (size_t k : order) {
+      const auto r = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      owner_[k] = static_cast<int>(r);
+      load[r] += params[k].numel();
+    }
+  }
+
+  // The named parameters rank `rank` updates.
+  std::vector<std::pair<std::string, torch::Tensor>> mine(
+      const std::vector<std::pair<std::string, torch::Tensor>>& named, int rank) const {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    for (size_t k = 0; k < named.size(); ++k)
+      if (owner_[k] == rank) out.push_back(named[k]);
+    return out;
+  }
+
+  // After the ranks' steps: every parameter takes its owner's values (one flat broadcast per
+  // rank).
+  void sync(const std::vector<torch::Tensor>& params, const dist::Group& group) const {
+    torch::NoGradGuard no_grad;
+    for (int r = 0; r < ranks_; ++r) {
+      std::vector<torch::Tensor> owned;
+      int64_t total = 0;
+      for (size_t k = 0; k < params.size(); ++k)
+        if (owner_[k] == r) {
+          owned.push_back(params[k]);
+          total += params[k].numel();
+        }
+      if (owned.empty()) continue;
+      torch::Tensor flat;
+      if (r == group.rank()) {
+        std::vector<torch::Tensor> pieces;
+        for (const auto& p : owned)
+          pieces.push_back(p.detach().reshape({-1}));
+        flat = torch::cat(pieces);
+      } else {
+        flat = torch::empty({total}, owned[0].options());
+      }
+      group.broadcast({flat}, r);
+      if (r == group.rank()) continue;
+      int64_t offset = 0;
+      for (auto& p : owned) {
+        p.detach().copy_(flat.narrow(0, offset, p.numel()).view_as(p));
+        offset += p.numel();
+      }
+    }
+  }
+
+  // Every parameter's moments (as train::adam_state_tensors names them), from their owners;
+  // complete on rank 0 (the one that writes them).
+  std::vector<std::pair<std::string, torch::Tensor>> gather_state(
+      torch::optim::Optimizer& optimizer,
+      const std::vector<std::pair<std::string, torch::Tensor>>& named,
+      const dist::Group& group) const {
+    std::map<std::string, torch::Tensor> own;
+    for (auto& [name, t] : train::adam_state_tensors(optimizer, mine(named, group.rank())))
+      own[name] = t;
+    std::vector<double> has(named.size(), 0.0);
+    for (size_t k = 0; k < named.size(); ++k)
+      if (owner_[k] == group.rank() && own.count(named[k].first + ".exp_avg")) has[k] = 1;
+    has = group.sum(has);
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    torch::NoGradGuard no_grad;
+    for (size_t k = 0; k < named.size(); ++k) {
+      if (has[k] == 0) continue;
+      const auto& [name, p] = named[k];
+      const bool owner = owner_[k] == group.rank();
+      auto m = owner ? own.at(name + ".exp_avg") : torch::empty_like(p);
+      auto v = owner ? own.at(name + ".exp_avg_sq") : torch::empty_like(p);
+      group.broadcast({m, v}, owner_[k]);
+      if (group.is_main()) {
+        out.emplace_back(name + ".exp_avg", m);
+        out.emplace_back(name + ".exp_avg_sq", v);
+      }
+    }
+    return out;
+  }
+
+ private:
+  std::vector<int> owner_;
+  int ranks_;
+};
 
 // Metrics averaged over a log interval.
 struct Interval {
@@ -155,6 +266,12 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         out.string());
   if (options.until && *options.until < 1)
     fail_usage("--until must be >= 1, got {}", *options.until);
+  const torch::Device device = options.device;
+  if (!device.is_cpu() && group.size() > 1)
+    fail_usage(
+        "--device {}: several ranks train on the CPU only (Gloo); NCCL for GPUs is not in this "
+        "build yet",
+        device.str());
   if (recipe.batch_size % group.size() != 0)
     fail_usage("{}: [train] batch_size = {} does not split evenly over {} ranks", recipe.file,
                recipe.batch_size, group.size());
@@ -181,7 +298,9 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   }
 
   const auto teacher_dir = generate::resolve_model_dir(recipe.teacher, options.models_root);
-  auto teacher = generate::load_model(teacher_dir, {});
+  models::ModelLoadOptions load_options;
+  load_options.device = device;
+  auto teacher = generate::load_model(teacher_dir, load_options);
   const diffusion::NoiseSchedule schedule(teacher.scheduler);
   const int64_t T = schedule.num_train_timesteps();
   for (size_t s = 0; s < recipe.stages.size(); ++s) {
@@ -217,12 +336,15 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   teacher.text_encoder->eval();
   for (auto& p : teacher.text_encoder->parameters())
     p.set_requires_grad(false);
-  torch::Tensor caption_context, empty_context;
+  torch::Tensor caption_context;
+  generate::PromptEmbeds empty;  // the unconditional branch: "" (zeros for SDXL)
   {
     torch::NoGradGuard no_grad;
-    caption_context = generate::encode_prompts(teacher, captions);  // [10 * templates, L, D]
-    empty_context = generate::encode_prompts(teacher, {""});        // [1, L, D]
+    if (!streamed)
+      caption_context = generate::encode_prompts(teacher, captions);  // [10 * templates, L, D]
+    empty = generate::encode_negative(teacher, "");                   // [1, L, D]
   }
+  const auto empty_context = empty.context;
 
   // ---- State: where to start.
   int64_t g = 0;
@@ -251,7 +373,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   for (size_t s = 0; s < start.stage; ++s)
     result.model_dirs.push_back((out / stage_dir_name(recipe, s) / "model").string());
   if (start.stage > 0) {
-    teacher = generate::load_model(result.model_dirs.back(), {});
+    teacher = generate::load_model(result.model_dirs.back(), load_options);
     teacher.text_encoder->eval();
   }
 
@@ -335,20 +457,37 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     for (auto& p : teacher.unet->parameters())
       p.set_requires_grad(false);
 
-    // The student: a copy of the teacher; the discriminator: a copy of its encoder.
-    auto student = models::UNet2DConditionModel(
-        std::dynamic_pointer_cast<models::UNet2DConditionModelImpl>(teacher.unet->clone()));
-    for (auto& p : student->parameters())
-      p.set_requires_grad(true);
+    // The student: a copy of the teacher, or where this stage's training starts with LoRA, a
+    // UNet sharing the teacher's frozen weights (no second copy) until its full phase; the
+    // discriminator: a copy of the teacher's encoder.
+    const size_t start_phase = s == start.stage ? start.phase : 0;
+    const bool sharing = phases[start_phase].lora;
+    models::UNet2DConditionModel student{nullptr};
+    if (sharing) {
+      student = train::unet_sharing_weights(teacher.unet);
+    } else {
+      student = models::UNet2DConditionModel(
+          std::dynamic_pointer_cast<models::UNet2DConditionModelImpl>(teacher.unet->clone()));
+      for (auto& p : student->parameters())
+        p.set_requires_grad(true);
+    }
+    bool shares_teacher = sharing;
+    student->gradient_checkpointing = recipe.gradient_checkpointing;
     student->train();
     torch::manual_seed(train::mix_seed(recipe.seed, 11, s));
     models::Discriminator disc(teacher.unet->config, stage.head);
     disc->init_backbone_from(teacher.unet);
+    disc->backbone->gradient_checkpointing = recipe.gradient_checkpointing;
+    disc->to(device);
     disc->train();
     bool lora_attached = false;
     if (resuming_here && g > stage_start(recipe, s)) {
-      train::load_trainable_weights(*student, (checkpoint_dir / "student.safetensors").string());
-      train::load_trainable_weights(*disc, (checkpoint_dir / "discriminator.safetensors").string());
+      // A sharing student's base weights are the teacher's (frozen since the stage began).
+      if (!sharing)
+        train::load_trainable_weights(*student, (checkpoint_dir / "student.safetensors").string(),
+                                      device);
+      train::load_trainable_weights(*disc, (checkpoint_dir / "discriminator.safetensors").string(),
+                                    device);
       if (fs::exists(checkpoint_dir / "lora.safetensors")) {
         models::attach_lora(*student,
                             {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
@@ -382,6 +521,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       req.guidance_scale = 1.0;
       req.sampler = diffusion::SamplerKind::kEuler;
       req.seed = recipe.sample_seed;
+      if (recipe.resolution > 0) req.height = req.width = recipe.resolution;  // the trained size
       auto images = generate::generate(student_model, req);
       student->train();
       auto grid = io::make_grid(io::to_uint8_image(images), recipe.sample_per_class, 2, 255);
@@ -394,17 +534,20 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                                       s + 1, stage.name, step, stage.student_steps)}});
     };
 
-    auto student_fn = [&](const torch::Tensor& x, const torch::Tensor& t,
-                          const torch::Tensor& ctx) {
-      return student->forward(text_inputs(x, t, ctx));
+    // The networks' forward passes (in bf16 under mixed precision; outputs in float32).
+    const bool bf16 = recipe.mixed_precision == "bf16";
+    auto student_fn = [&](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
+      train::AutocastGuard autocast(bf16);
+      return student->forward(unet_inputs(x, t, c)).to(torch::kFloat32);
     };
     ConditionedModel teacher_fn = [&](const torch::Tensor& x, const torch::Tensor& t,
-                                      const torch::Tensor& ctx) {
-      return teacher.unet->forward(text_inputs(x, t, ctx));
+                                      const Conditioning& c) {
+      train::AutocastGuard autocast(bf16);
+      return teacher.unet->forward(unet_inputs(x, t, c)).to(torch::kFloat32);
     };
-    auto d_features = [&](const torch::Tensor& x, const torch::Tensor& t,
-                          const torch::Tensor& ctx) {
-      return disc->features(text_inputs(x, t, ctx));
+    auto d_features = [&](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
+      train::AutocastGuard autocast(bf16);
+      return disc->features(unet_inputs(x, t, c));
     };
     const auto grid = stage.timesteps.empty()
                           ? diffusion::trailing_timesteps(T, stage.student_steps)
@@ -443,6 +586,10 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         }
       } else if (lora_attached) {  // the full phase: keep the LoRA, merge it, train everything
         save_and_merge_lora();
+        if (shares_teacher) {  // from here the student's weights diverge from the teacher's
+          train::own_weights(*student);
+          shares_teacher = false;
+        }
         for (auto& q : student->parameters())
           q.set_requires_grad(true);
       }
@@ -460,16 +607,25 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       if (phase.name == "full" && stage.full_learning_rate > 0) lr = stage.full_learning_rate;
       if (phase.objective == Objective::kX0Warmup && stage.x0_warmup_learning_rate > 0)
         lr = stage.x0_warmup_learning_rate;
-      auto g_opt = make_adam(student_params, lr, stage.adam_beta1, stage.adam_beta2);
-      auto d_opt = make_adam(disc_params, stage.discriminator_learning_rate,
+      // Optimiser state for all parameters, or (sharded) for this rank's share of them.
+      std::optional<OptimizerShards> g_shards, d_shards;
+      if (recipe.shard_optimizer && group.size() > 1) {
+        g_shards.emplace(student_params, group.size());
+        d_shards.emplace(disc_params, group.size());
+      }
+      const auto g_opt_named =
+          g_shards ? g_shards->mine(student_named, group.rank()) : student_named;
+      const auto d_opt_named = d_shards ? d_shards->mine(disc_named, group.rank()) : disc_named;
+      auto g_opt = make_adam(values(g_opt_named), lr, stage.adam_beta1, stage.adam_beta2);
+      auto d_opt = make_adam(values(d_opt_named), stage.discriminator_learning_rate,
                              stage.discriminator_beta1, stage.discriminator_beta2);
       if (resuming_here && i0 > 0) {
-        train::restore_adam_state(g_opt, student_named,
+        train::restore_adam_state(g_opt, g_opt_named,
                                   (checkpoint_dir / "student_optimizer.safetensors").string(), i0,
                                   false);
         if (phase.adversarial())
           train::restore_adam_state(
-              d_opt, disc_named, (checkpoint_dir / "discriminator_optimizer.safetensors").string(),
+              d_opt, d_opt_named, (checkpoint_dir / "discriminator_optimizer.safetensors").string(),
               i0 * stage.discriminator_steps, false);
       }
       const bool adversarial = phase.adversarial();
@@ -489,7 +645,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         std::optional<io::SafetensorsFile> saved;
         if (resuming_here && i0 > 0) saved.emplace(ema_file.string());
         for (const auto& [name, t] : student_named)
-          ema.push_back(saved ? saved->get(name).clone() : t.detach().clone());
+          ema.push_back(saved ? saved->get(name).to(t.device()).clone() : t.detach().clone());
       }
 
       auto write_checkpoint = [&](int64_t step) {
@@ -500,6 +656,10 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           for (const auto& r : group.all_gather("data position", batcher->state().dump()))
             data_state.push_back(nlohmann::json::parse(r));
         }
+        const auto g_state = g_shards ? g_shards->gather_state(g_opt, student_named, group)
+                                      : train::adam_state_tensors(g_opt, student_named);
+        const auto d_state = d_shards ? d_shards->gather_state(d_opt, disc_named, group)
+                                      : train::adam_state_tensors(d_opt, disc_named);
         if (!main_rank) return;
         io::write_directory_atomic(checkpoint_dir.string(), [&](const std::string& tmp) {
           // Base weights (adapters are not part of the state dict) and adapters separately.
@@ -517,10 +677,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               averages.emplace_back(student_named[k].first, ema[k]);
             io::save_safetensors(tmp + "/student_ema.safetensors", averages);
           }
-          io::save_safetensors(tmp + "/student_optimizer.safetensors",
-                               train::adam_state_tensors(g_opt, student_named));
-          io::save_safetensors(tmp + "/discriminator_optimizer.safetensors",
-                               train::adam_state_tensors(d_opt, disc_named));
+          io::save_safetensors(tmp + "/student_optimizer.safetensors", g_state);
+          io::save_safetensors(tmp + "/discriminator_optimizer.safetensors", d_state);
           if (batcher) io::write_json_file(tmp + "/data.json", {{"ranks", data_state}});
           io::write_json_file(tmp + "/state.json", {{"iteration", step},
                                                     {"elapsed_s", elapsed_before + elapsed_s()},
@@ -534,11 +692,12 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       auto mse_update = [&](const torch::Tensor& prediction, const torch::Tensor& target,
                             std::map<std::string, double>& m) {
         auto loss = torch::mse_loss(prediction, target);
-        g_opt.zero_grad();
+        zero_grads(student_params);
         loss.backward();
         group.average_gradients(student_params);
         m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
         g_opt.step();
+        if (g_shards) g_shards->sync(student_params, group);
         m["loss_mse"] = loss.item<double>();
       };
 
@@ -552,38 +711,55 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         group.heartbeat(g);
         auto gen =
             train::torch_generator(train::mix_seed(recipe.seed, 2, static_cast<uint64_t>(g)));
-        torch::Tensor x0, context;
+        torch::Tensor x0;
+        Conditioning context;
         if (streamed) {
           auto batch = batcher->next();
           torch::NoGradGuard no_grad;
           if (batch.cached) {
-            x0 = batch.pixels;
-            context = batch.context;
-            if (context.dim() != 3 || context.size(2) != empty_context.size(2))
+            x0 = batch.pixels.to(device);
+            context.context = batch.context.to(device);
+            if (batch.pooled.defined()) context.pooled = batch.pooled.to(device);
+            if (batch.context.dim() != 3 || batch.context.size(2) != empty_context.size(2))
               fail(
                   "{}: the cached text encodings are {}-wide but the teacher's are {}: the cache "
                   "was made with another text encoder",
-                  recipe.data_dir, context.size(-1), empty_context.size(2));
+                  recipe.data_dir, batch.context.size(-1), empty_context.size(2));
+            if (empty.pooled.defined() &&
+                (!batch.pooled.defined() || batch.pooled.size(-1) != empty.pooled.size(-1)))
+              fail(
+                  "{}: the cache holds no pooled text embeddings of the teacher's width {} (made "
+                  "by an older `lightning cache` or for another model): make it again",
+                  recipe.data_dir, empty.pooled.size(-1));
           } else {
             // Latent models train on the VAE's latent means (deterministic, as a cache holds).
-            x0 = teacher.is_latent()
-                     ? teacher.vae->config.to_unet_latent(teacher.vae->encode(batch.pixels).mean)
-                     : batch.pixels;
-            context = generate::encode_prompts(teacher, batch.captions);
+            const auto pixels_on_device = batch.pixels.to(device);
+            x0 =
+                teacher.is_latent()
+                    ? teacher.vae->config.to_unet_latent(teacher.vae->encode(pixels_on_device).mean)
+                    : pixels_on_device;
+            auto embeds = generate::encode_conditioning(teacher, batch.captions);
+            context.context = embeds.context;
+            context.pooled = embeds.pooled;
           }
+          // SDXL: the real crop's original size, top-left and target size (in pixels).
+          if (teacher.is_sdxl()) context.time_ids = batch.time_ids.to(device, torch::kFloat32);
         } else {
           const auto index = local(sampler.batch(g, B));
-          x0 = pixels.index_select(0, index);
+          x0 = pixels.index_select(0, index).to(device);
           const auto label = labels.index_select(0, index);
           const auto tmpl = local(torch::randint(0, templates, {B}, gen, torch::kInt64));
-          context = caption_context.index_select(0, label * templates + tmpl);
+          context.context = caption_context.index_select(
+              0, (label * templates + tmpl).to(caption_context.device()));
         }
         const std::vector<int64_t> global_shape = {B, x0.size(1), x0.size(2), x0.size(3)};
-        const auto uncond = empty_context.expand({b, empty_context.size(1), empty_context.size(2)});
-        const auto t = grid_tensor.index_select(
-            0,
-            local(torch::randint(0, static_cast<int64_t>(grid.size()), {B}, gen, torch::kInt64)));
-        const auto eps = local(torch::randn(global_shape, gen, torch::kFloat32));
+        const Conditioning uncond{empty.context, empty.pooled, context.time_ids};
+        const auto t =
+            grid_tensor
+                .index_select(0, local(torch::randint(0, static_cast<int64_t>(grid.size()), {B},
+                                                      gen, torch::kInt64)))
+                .to(device);
+        const auto eps = local(torch::randn(global_shape, gen, torch::kFloat32)).to(device);
         const auto x_t = student_input(schedule, x0, eps, t);
         const auto teacher_denoiser = guided(teacher_fn, context, uncond, stage.teacher_guidance);
 
@@ -623,17 +799,20 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               const bool late =
                   done_adv >= static_cast<int64_t>(stage.renoise_switch * adversarial_total);
               t_d = local(sample_timesteps(
-                  stage.renoise_timesteps,
-                  late ? stage.renoise_weights_late : stage.renoise_weights, B, gen));
-              const auto n1 = local(torch::randn(global_shape, gen, torch::kFloat32));
-              const auto n2 = local(torch::randn(global_shape, gen, torch::kFloat32));
+                              stage.renoise_timesteps,
+                              late ? stage.renoise_weights_late : stage.renoise_weights, B, gen))
+                        .to(device);
+              const auto n1 = local(torch::randn(global_shape, gen, torch::kFloat32)).to(device);
+              const auto n2 = local(torch::randn(global_shape, gen, torch::kFloat32)).to(device);
               real = diffusion::add_noise(schedule, target, n1, t_d);
               fake = diffusion::add_noise(schedule, x_prev, n2, t_d);
             }
             const bool conditional = phase.objective == Objective::kConditional;
             auto logits = [&](const torch::Tensor& x, const torch::Tensor& f_t) {
               auto f = d_features(x, t_d, context);
-              return conditional ? disc->conditional(f, f_t) : disc->unconditional(f);
+              train::AutocastGuard autocast(bf16);
+              return (conditional ? disc->conditional(f, f_t) : disc->unconditional(f))
+                  .to(torch::kFloat32);
             };
             // Discriminator updates (the last one's losses and outputs are logged).
             torch::Tensor d_loss, real_logits, fake_logits;
@@ -642,11 +821,12 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               real_logits = logits(real, f_t);
               fake_logits = logits(fake.detach(), f_t);
               d_loss = discriminator_loss(real_logits, fake_logits);
-              d_opt.zero_grad();
+              zero_grads(disc_params);
               d_loss.backward();
               group.average_gradients(disc_params);
               m["grad_norm_d"] = clip(disc_params, recipe.max_grad_norm);
               d_opt.step();
+              if (d_shards) d_shards->sync(disc_params, group);
             }
             m["loss_d"] = d_loss.item<double>();
             m["d_real"] = torch::sigmoid(real_logits).mean().item<double>();
@@ -663,13 +843,14 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                 q.set_requires_grad(false);
               const auto g_logits = logits(fake, f_t2);
               auto g_loss = generator_loss(g_logits);
-              g_opt.zero_grad();
+              zero_grads(student_params);
               g_loss.backward();
               for (auto& q : disc_params)
                 q.set_requires_grad(true);
               group.average_gradients(student_params);
               m["grad_norm_g"] = clip(student_params, recipe.max_grad_norm);
               g_opt.step();
+              if (g_shards) g_shards->sync(student_params, group);
               m["loss_g"] = g_loss.item<double>();
             }
           }
@@ -723,14 +904,20 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           const auto now = std::chrono::steady_clock::now();
           const double secs = std::chrono::duration<double>(now - interval_start).count();
           interval_start = now;
-          nlohmann::json line = {{"step", g},
-                                 {"stage", s + 1},
-                                 {"stage_name", stage.name},
-                                 {"phase", phase.name},
-                                 {"iteration", i + 1},
-                                 {"lr", lr},
-                                 {"images_per_s", interval.count * B / std::max(secs, 1e-9)},
-                                 {"elapsed_s", elapsed_before + elapsed_s()}};
+          nlohmann::json line = {
+              {"step", g},
+              {"stage", s + 1},
+              {"stage_name", stage.name},
+              {"phase", phase.name},
+              {"iteration", i + 1},
+              {"lr", lr},
+              {"images_per_s", interval.count * B / std::max(secs, 1e-9)},
+              // This process's peak so far: the GPU allocator's, else RSS.
+              {"peak_memory_gb", (device.is_cuda() ? cuda_peak_allocated_bytes(
+                                                         device.index() < 0 ? 0 : device.index())
+                                                   : peak_rss_bytes()) /
+                                     1e9},
+              {"elapsed_s", elapsed_before + elapsed_s()}};
           if (group.size() > 1) line["ranks"] = group.size();
           if (stream) {  // rank 0's stream (the others' skips are in their logs)
             line["data_epoch"] = stream->position().epoch;
@@ -781,7 +968,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     // The next stage's teacher: this stage's student as saved (what a resumed run loads too;
     // every rank reads rank 0's files, so the run directory is shared by all ranks).
     group.barrier();
-    teacher = generate::load_model(result.model_dirs.back(), {});
+    teacher = generate::load_model(result.model_dirs.back(), load_options);
     teacher.text_encoder->eval();
   }
   if (bar) bar->finish();

@@ -25,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include <c10/core/Device.h>
+
 #include "distill/recipe.h"
 
 namespace lightning::dist {
@@ -43,6 +45,9 @@ struct DistillOptions {
   // global batch of `batch_size` and trains on its 1/size() share; gradients are averaged, so
   // N ranks follow the single-process run. Rank 0 writes every file.
   const dist::Group* group = nullptr;
+  // Where the networks train (`--device`); data, noise and timesteps are drawn on the CPU (the
+  // same numbers on any device) and moved. Several ranks need the CPU (Gloo).
+  torch::Device device = torch::kCPU;
 };
 
 struct DistillResult {

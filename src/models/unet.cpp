@@ -1,6 +1,7 @@
 #include "models/unet.h"
 
 #include "core/error.h"
+#include "nn/checkpoint.h"
 
 namespace lightning::models {
 namespace {
@@ -202,16 +203,37 @@ UNet2DConditionModelImpl::Encoded UNet2DConditionModelImpl::run_down(
   }
   std::vector<torch::Tensor> skips = {sample};
   for (auto& block : down_list) {
-    auto [h, states] = block(sample, emb, context);
-    sample = h;
+    // A down block's output is its last skip state.
+    auto states = run_block(
+        [block](const std::vector<torch::Tensor>& v) mutable {
+          return block(v[0], v[1], v[2]).second;
+        },
+        {sample, emb, context});
+    sample = states.back();
     skips.insert(skips.end(), states.begin(), states.end());
   }
   return {sample, emb, context, std::move(skips)};
 }
 
+std::vector<torch::Tensor> UNet2DConditionModelImpl::run_block(
+    const nn::CheckpointedFn& fn, const std::vector<torch::Tensor>& inputs) {
+  return gradient_checkpointing ? nn::checkpoint(fn, inputs) : fn(inputs);
+}
+
+torch::Tensor UNet2DConditionModelImpl::run_mid(const torch::Tensor& sample,
+                                                const torch::Tensor& emb,
+                                                const torch::Tensor& context) {
+  auto mid = mid_block;
+  return run_block(
+      [mid](const std::vector<torch::Tensor>& v) mutable {
+        return std::vector<torch::Tensor>{mid(v[0], v[1], v[2])};
+      },
+      {sample, emb, context})[0];
+}
+
 torch::Tensor UNet2DConditionModelImpl::encode(const UNetInputs& in) {
   auto e = run_down(in);
-  return mid_block ? mid_block(e.sample, e.emb, e.context) : e.sample;
+  return mid_block ? run_mid(e.sample, e.emb, e.context) : e.sample;
 }
 
 torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
@@ -232,7 +254,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
       skips[i] = skips[i] + in.down_residuals[i].to(dtype);
     }
   }
-  if (mid_block) sample = mid_block(sample, emb, context);
+  if (mid_block) sample = run_mid(sample, emb, context);
   if (in.mid_residual.defined()) {
     if (!residual_fits(in.mid_residual, sample))
       fail("ControlNet residual 'mid': expected {}, got {}", shape_str(sample),
@@ -247,7 +269,15 @@ torch::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
     c10::optional<std::vector<int64_t>> upsample_size;
     if (i + 1 < up_list.size() && forward_upsample_size)
       upsample_size = std::vector<int64_t>{skips.back().size(2), skips.back().size(3)};
-    sample = up_list[i](sample, std::move(block_skips), emb, context, upsample_size);
+    std::vector<torch::Tensor> inputs = {sample, emb, context};
+    inputs.insert(inputs.end(), block_skips.begin(), block_skips.end());
+    auto up = up_list[i];
+    sample = run_block(
+        [up, upsample_size](const std::vector<torch::Tensor>& v) mutable {
+          return std::vector<torch::Tensor>{up(
+              v[0], std::vector<torch::Tensor>(v.begin() + 3, v.end()), v[1], v[2], upsample_size)};
+        },
+        inputs)[0];
   }
   sample = torch::silu(conv_norm_out(sample));
   return conv_out(sample);

@@ -12,6 +12,7 @@
 
 #include "models/unet_blocks.h"
 #include "models/unet_config.h"
+#include "nn/checkpoint.h"
 #include "nn/embeddings.h"
 #include "nn/layers.h"
 
@@ -61,6 +62,10 @@ class UNet2DConditionModelImpl : public torch::nn::Cloneable<UNet2DConditionMode
   std::optional<torch::ScalarType> compute_dtype;
   torch::ScalarType dtype() const { return compute_dtype.value_or(conv_in->weight.scalar_type()); }
 
+  // Gradient checkpointing of the down, mid and up blocks (nn/checkpoint.h): their activations
+  // are recomputed in the backward pass. Training only; no effect under NoGradGuard.
+  bool gradient_checkpointing = false;
+
   UNetConfig config;
   bool encoder_only = false;
   nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
@@ -79,6 +84,11 @@ class UNet2DConditionModelImpl : public torch::nn::Cloneable<UNet2DConditionMode
   // `added_after_conv_in` (a ControlNet's conditioning embedding, [B, C0, H, W]) is added to
   // conv_in's output before the down blocks when given.
   Encoded run_down(const UNetInputs& inputs, const torch::Tensor& added_after_conv_in = {});
+  // One block's call, checkpointed when gradient_checkpointing is set.
+  std::vector<torch::Tensor> run_block(const nn::CheckpointedFn& fn,
+                                       const std::vector<torch::Tensor>& inputs);
+  torch::Tensor run_mid(const torch::Tensor& sample, const torch::Tensor& emb,
+                        const torch::Tensor& context);
 };
 TORCH_MODULE(UNet2DConditionModel);
 

@@ -47,7 +47,8 @@ CacheResult write_cache(const generate::TextToImageModel& model, const std::stri
       std::vector<std::string> captions;
       for (const auto& p : pending)
         captions.push_back(p.caption);
-      const auto context = generate::encode_prompts(model, captions, /*warn_truncation=*/false);
+      const auto embeds = generate::encode_conditioning(model, captions, /*warn_truncation=*/false);
+      const auto& context = embeds.context;
       context_dim = context.size(-1);
       for (size_t i = 0; i < pending.size(); ++i) {
         auto& p = pending[i];
@@ -64,12 +65,14 @@ CacheResult write_cache(const generate::TextToImageModel& model, const std::stri
         const auto key = fmt::format("{:09d}", result.samples);
         const auto ids =
             torch::tensor(std::vector<int64_t>(p.fitted.time_ids.begin(), p.fitted.time_ids.end()));
-        shard->add(
-            key + ".safetensors",
-            io::encode_safetensors({{"x", x[0].to(options.dtype)},
-                                    {"context", context[static_cast<int64_t>(i)].to(options.dtype)},
-                                    {"time_ids", ids}},
-                                   {{"source", p.source}}, key));
+        std::vector<std::pair<std::string, torch::Tensor>> tensors = {
+            {"x", x[0].to(options.dtype)},
+            {"context", context[static_cast<int64_t>(i)].to(options.dtype)},
+            {"time_ids", ids}};
+        if (embeds.pooled.defined())  // SDXL: the second text encoder's pooled projection
+          tensors.emplace_back("pooled", embeds.pooled[static_cast<int64_t>(i)].to(options.dtype));
+        shard->add(key + ".safetensors",
+                   io::encode_safetensors(tensors, {{"source", p.source}}, key));
         shard->add(key + ".txt", p.caption);
         ++in_shard;
         ++result.samples;

@@ -1,9 +1,10 @@
 // `lightning cache`: encodes a data set once for training. Every usable image is fitted to its
 // aspect-ratio bucket (centre crop), put into the model's space (the VAE's latent mean for latent
 // models, the pixels for pixel-space ones), and its caption text-encoded; the results are written
-// as WebDataset tar shards whose samples are small safetensors members (x, context, time_ids)
-// with the caption beside them. A recipe's [data] dataset = "cache" then reads these shards
-// through the same stream as images (shuffle buffer, ranks, exact resume) and skips the encoders.
+// as WebDataset tar shards whose samples are small safetensors members (x, context, time_ids and,
+// for SDXL, pooled: the pooled text embeddings) with the caption beside them. A recipe's [data]
+// dataset = "cache" then reads these shards through the same stream as images (shuffle buffer,
+// ranks, exact resume) and skips the encoders.
 #pragma once
 
 #include <cstdint>

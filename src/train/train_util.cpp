@@ -7,7 +7,9 @@
 #include <random>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include "core/error.h"
 #include "io/image.h"
@@ -15,6 +17,7 @@
 #include "io/plot.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "nn/layers.h"
 
 namespace lightning::train {
 
@@ -131,7 +134,8 @@ void restore_adam_state(torch::optim::Optimizer& optimizer,
   io::SafetensorsFile f(file);
   for (const auto& [name, p] : params) {
     if (!f.contains(name + ".exp_avg")) continue;  // no state yet when saved
-    auto m = f.get(name + ".exp_avg").clone(), v = f.get(name + ".exp_avg_sq").clone();
+    auto m = f.get(name + ".exp_avg").to(p.device()).clone(),
+         v = f.get(name + ".exp_avg_sq").to(p.device()).clone();
     if (m.sizes() != p.sizes())
       fail("{}: '{}.exp_avg' has another shape than the parameter", file, name);
     if (adamw)
@@ -161,10 +165,13 @@ std::vector<nlohmann::json> truncate_metrics(const std::string& path, int64_t st
   return lines;
 }
 
-void load_trainable_weights(torch::nn::Module& module, const std::string& file) {
+void load_trainable_weights(torch::nn::Module& module, const std::string& file,
+                            torch::Device device) {
   torch::NoGradGuard no_grad;
   io::WeightFiles weights({file});
-  io::load_weights(module, weights, io::LoadOptions{}, file);
+  io::LoadOptions options;
+  options.device = device;
+  io::load_weights(module, weights, options, file);
   for (auto& p : module.parameters(true))
     p.set_data(p.data().clone());
 }
@@ -200,6 +207,83 @@ void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
   options.y_label = y_label;
   options.log_y = log_y;
   io::write_png(path, io::render_line_plot(series, options));
+}
+
+// libtorch 2.4 replaced the per-device autocast functions by ones taking the device type.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#define LIGHTNING_AUTOCAST_BY_DEVICE 1
+#endif
+
+AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
+  if (!enabled_) return;
+#ifdef LIGHTNING_AUTOCAST_BY_DEVICE
+  previous_cpu_ = at::autocast::is_autocast_enabled(at::kCPU);
+  previous_cuda_ = at::autocast::is_autocast_enabled(at::kCUDA);
+  previous_cpu_dtype_ = at::autocast::get_autocast_dtype(at::kCPU);
+  previous_cuda_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+#else
+  previous_cpu_ = at::autocast::is_cpu_enabled();
+  previous_cuda_ = at::autocast::is_enabled();
+  previous_cpu_dtype_ = at::autocast::get_autocast_cpu_dtype();
+  previous_cuda_dtype_ = at::autocast::get_autocast_gpu_dtype();
+  at::autocast::set_cpu_enabled(true);
+  at::autocast::set_enabled(true);
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+#endif
+  at::autocast::increment_nesting();
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!enabled_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#ifdef LIGHTNING_AUTOCAST_BY_DEVICE
+  at::autocast::set_autocast_enabled(at::kCPU, previous_cpu_);
+  at::autocast::set_autocast_enabled(at::kCUDA, previous_cuda_);
+  at::autocast::set_autocast_dtype(at::kCPU, previous_cpu_dtype_);
+  at::autocast::set_autocast_dtype(at::kCUDA, previous_cuda_dtype_);
+#else
+  at::autocast::set_cpu_enabled(previous_cpu_);
+  at::autocast::set_enabled(previous_cuda_);
+  at::autocast::set_autocast_cpu_dtype(previous_cpu_dtype_);
+  at::autocast::set_autocast_gpu_dtype(previous_cuda_dtype_);
+#endif
+}
+
+models::UNet2DConditionModel unet_sharing_weights(const models::UNet2DConditionModel& base) {
+  models::UNet2DConditionModel unet{nullptr};
+  {
+    nn::SkipInitGuard skip_init;
+    unet = models::UNet2DConditionModel(base->config);
+  }
+  unet->compute_dtype = base->compute_dtype;
+  torch::NoGradGuard no_grad;
+  const auto params = base->named_parameters(true);
+  for (auto& item : unet->named_parameters(true)) {
+    const auto* source = params.find(item.key());
+    if (!source) fail("unet_sharing_weights: the base UNet has no parameter '{}'", item.key());
+    item.value().set_data(*source);
+    item.value().set_requires_grad(false);
+  }
+  const auto buffers = base->named_buffers(true);
+  for (auto& item : unet->named_buffers(true)) {
+    const auto* source = buffers.find(item.key());
+    if (!source) fail("unet_sharing_weights: the base UNet has no buffer '{}'", item.key());
+    item.value().set_data(*source);
+  }
+  return unet;
+}
+
+void own_weights(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters(true))
+    p.set_data(p.detach().clone());
+  for (auto& b : module.buffers(true))
+    b.set_data(b.detach().clone());
 }
 
 }  // namespace lightning::train

@@ -12,6 +12,8 @@
 #include <torch/types.h>
 #include <nlohmann/json.hpp>
 
+#include "models/unet.h"
+
 namespace lightning::train {
 
 // A recipe's [log] table: how often to log metrics, write sample grids and checkpoints.
@@ -70,7 +72,8 @@ std::vector<nlohmann::json> truncate_metrics(const std::string& path, int64_t st
 
 // Loads a checkpoint's safetensors file into `module` strictly and gives every parameter its own
 // storage (load_weights may leave views of the memory-mapped file): ready to train.
-void load_trainable_weights(torch::nn::Module& module, const std::string& file);
+void load_trainable_weights(torch::nn::Module& module, const std::string& file,
+                            torch::Device device = torch::kCPU);
 
 // A metric curve for a plot: (step, value) points.
 struct Curve {
@@ -82,5 +85,31 @@ struct Curve {
 void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
                       const std::string& title, const std::string& y_label, bool log_y,
                       size_t smooth = 10);
+
+// Mixed precision: while alive (and `enabled`), the matrix products and convolutions of the
+// forward pass run in bf16 through libtorch's autocast (on the CPU and on CUDA), the rest in
+// float32; weights, gradients and optimiser state stay float32. Nests; restores the previous
+// state.
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(bool enabled);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_;
+  bool previous_cpu_ = false, previous_cuda_ = false;
+  torch::ScalarType previous_cpu_dtype_ = torch::kBFloat16, previous_cuda_dtype_ = torch::kHalf;
+};
+
+// A UNet that holds no weights of its own: every parameter and buffer is the same tensor as
+// `base`'s (frozen: requires_grad off). A LoRA student trains adapters on top of the frozen
+// teacher without a second copy of its weights. Built without initialising, so the UNet's own
+// fresh tensors are never touched (never resident) before they are dropped.
+models::UNet2DConditionModel unet_sharing_weights(const models::UNet2DConditionModel& base);
+// Gives every parameter and buffer of `module` its own storage (a copy): a sharing UNet before
+// its weights may change.
+void own_weights(torch::nn::Module& module);
 
 }  // namespace lightning::train
