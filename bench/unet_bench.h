@@ -19,8 +19,8 @@ struct UNetBenchOptions {
   bool gemm = true;  // also measure the f32/bf16 GEMM peak (mm 2048^3)
   std::string device = "cpu";
   // Training steps instead of forwards (`--train-step`): one forward + backward of a LoRA
-  // student (rank `lora_rank` on the frozen random UNet, as a LoRA stage trains), without and
-  // with gradient checkpointing: seconds and peak memory per step.
+  // student (rank `lora_rank` on the frozen random UNet, as a LoRA stage trains), with and
+  // without gradient checkpointing: seconds and peak memory per step.
   bool train_step = false;
   int64_t lora_rank = 64;
   // Benchmark a model directory instead of random weights: the load itself becomes a row

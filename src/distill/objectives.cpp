@@ -105,13 +105,6 @@ Conditioning Conditioning::expand_to(int64_t batch) const {
   return {expand_rows(context, batch), expand_rows(pooled, batch), expand_rows(time_ids, batch)};
 }
 
-Conditioning Conditioning::narrow(int64_t start, int64_t length) const {
-  auto rows = [&](const torch::Tensor& x) {
-    return x.defined() && x.size(0) > 1 ? x.narrow(0, start, length) : x;
-  };
-  return {rows(context), rows(pooled), rows(time_ids)};
-}
-
 Conditioning Conditioning::cat(const Conditioning& a, const Conditioning& b) {
   return {cat_defined(a.context, b.context), cat_defined(a.pooled, b.pooled),
           cat_defined(a.time_ids, b.time_ids)};

@@ -52,7 +52,6 @@ struct Conditioning {
   torch::Tensor context, pooled, time_ids;
   int64_t batch() const { return context.size(0); }
   Conditioning expand_to(int64_t batch) const;  // one row broadcast to `batch` rows
-  Conditioning narrow(int64_t start, int64_t length) const;
   static Conditioning cat(const Conditioning& a, const Conditioning& b);
 };
 
