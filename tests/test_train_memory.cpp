@@ -19,6 +19,7 @@
 #include "io/safetensors.h"
 #include "models/lora.h"
 #include "models/unet.h"
+#include "nn/autocast.h"
 #include "tests/test_util.h"
 #include "train/cache.h"
 #include "train/train_util.h"
@@ -105,7 +106,7 @@ TEST(GradientCheckpointing, SameGradientsAsThePlainBackwardPass) {
   // cache of weight casts is kept out of the checkpointed blocks: casts cached there without grad
   // mode made the plain pass that followed lose its graph.
   {
-    train::AutocastGuard autocast(true);
+    const nn::AutocastScope autocast(nn::AutocastState::bf16());
     unet->gradient_checkpointing = true;
     const auto a = gradients(unet, in, lora);
     unet->gradient_checkpointing = false;

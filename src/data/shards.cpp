@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/files.h"
 #include "io/image_codecs.h"
 #include "io/safetensors_bytes.h"
 #include "text/utf8.h"
@@ -108,15 +109,6 @@ void split_member_name(const std::string& name, std::string* key, std::string* e
   }
   *key = name.substr(0, dot);
   *ext = lower(name.substr(dot + 1));
-}
-
-bool read_file_bytes(const fs::path& path, std::string* bytes) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return false;
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  *bytes = buffer.str();
-  return !in.bad();
 }
 
 const std::vector<std::string>& image_extensions() {
@@ -367,14 +359,14 @@ bool FolderShardReader::next(RawSample& sample, bool load) {
   sample.key = fs::path(rel).replace_extension().generic_string();
   std::string bytes;
   // An unreadable file gives an empty field: decode_sample names it; the key sequence is kept.
-  if (load) read_file_bytes(image, &bytes);
+  if (load) io::read_file_bytes(image.string(), &bytes);
   sample.fields.emplace(lower(image.extension().string().substr(1)), std::move(bytes));
   for (const auto& c : caption_extensions()) {
     const fs::path caption = fs::path(image).replace_extension("." + c);
     std::error_code ec;
     if (!fs::exists(caption, ec)) continue;
     std::string text;
-    if (load) read_file_bytes(caption, &text);
+    if (load) io::read_file_bytes(caption.string(), &text);
     sample.fields.emplace(c == "caption" ? "txt" : c, std::move(text));
     break;
   }

@@ -10,7 +10,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <numeric>
 #include <optional>
 #include <random>
 
@@ -36,6 +35,7 @@
 #include "io/state_dict.h"
 #include "models/discriminator.h"
 #include "models/lora.h"
+#include "nn/autocast.h"
 #include "train/cache.h"
 #include "train/train_util.h"
 
@@ -138,102 +138,6 @@ models::UNetInputs unet_inputs(const torch::Tensor& x, const torch::Tensor& t,
   return in;
 }
 
-// ZeRO stage 1 ([train] shard_optimizer): every rank keeps the full weights and the averaged
-// gradients but Adam's moments only for its share of the parameters, updates that share and
-// broadcasts it. Shares are balanced by element count (largest first), alike on every rank.
-// Checkpoints gather the moments into the unsharded file, so a run may resume either way.
-class OptimizerShards {
- public:
-  OptimizerShards(const std::vector<torch::Tensor>& params, int ranks)
-      : owner_(params.size(), 0), ranks_(ranks) {
-    std::vector<size_t> order(params.size());
-    std::iota(order.begin(), order.end(), size_t{0});
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return params[a].numel() > params[b].numel(); });
-    std::vector<int64_t> load(static_cast<size_t>(ranks), 0);
-    for (size_t k : order) {
-      const auto r = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-      owner_[k] = static_cast<int>(r);
-      load[r] += params[k].numel();
-    }
-  }
-
-  // The named parameters rank `rank` updates.
-  std::vector<std::pair<std::string, torch::Tensor>> mine(
-      const std::vector<std::pair<std::string, torch::Tensor>>& named, int rank) const {
-    std::vector<std::pair<std::string, torch::Tensor>> out;
-    for (size_t k = 0; k < named.size(); ++k)
-      if (owner_[k] == rank) out.push_back(named[k]);
-    return out;
-  }
-
-  // After the ranks' steps: every parameter takes its owner's values (one flat broadcast per
-  // rank).
-  void sync(const std::vector<torch::Tensor>& params, const dist::Group& group) const {
-    torch::NoGradGuard no_grad;
-    for (int r = 0; r < ranks_; ++r) {
-      std::vector<torch::Tensor> owned;
-      int64_t total = 0;
-      for (size_t k = 0; k < params.size(); ++k)
-        if (owner_[k] == r) {
-          owned.push_back(params[k]);
-          total += params[k].numel();
-        }
-      if (owned.empty()) continue;
-      torch::Tensor flat;
-      if (r == group.rank()) {
-        std::vector<torch::Tensor> pieces;
-        for (const auto& p : owned)
-          pieces.push_back(p.detach().reshape({-1}));
-        flat = torch::cat(pieces);
-      } else {
-        flat = torch::empty({total}, owned[0].options());
-      }
-      group.broadcast({flat}, r);
-      if (r == group.rank()) continue;
-      int64_t offset = 0;
-      for (auto& p : owned) {
-        p.detach().copy_(flat.narrow(0, offset, p.numel()).view_as(p));
-        offset += p.numel();
-      }
-    }
-  }
-
-  // Every parameter's moments (as train::adam_state_tensors names them), from their owners;
-  // complete on rank 0 (the one that writes them).
-  std::vector<std::pair<std::string, torch::Tensor>> gather_state(
-      torch::optim::Optimizer& optimizer,
-      const std::vector<std::pair<std::string, torch::Tensor>>& named,
-      const dist::Group& group) const {
-    std::map<std::string, torch::Tensor> own;
-    for (auto& [name, t] : train::adam_state_tensors(optimizer, mine(named, group.rank())))
-      own[name] = t;
-    std::vector<double> has(named.size(), 0.0);
-    for (size_t k = 0; k < named.size(); ++k)
-      if (owner_[k] == group.rank() && own.count(named[k].first + ".exp_avg")) has[k] = 1;
-    has = group.sum(has);
-    std::vector<std::pair<std::string, torch::Tensor>> out;
-    torch::NoGradGuard no_grad;
-    for (size_t k = 0; k < named.size(); ++k) {
-      if (has[k] == 0) continue;
-      const auto& [name, p] = named[k];
-      const bool owner = owner_[k] == group.rank();
-      auto m = owner ? own.at(name + ".exp_avg") : torch::empty_like(p);
-      auto v = owner ? own.at(name + ".exp_avg_sq") : torch::empty_like(p);
-      group.broadcast({m, v}, owner_[k]);
-      if (group.is_main()) {
-        out.emplace_back(name + ".exp_avg", m);
-        out.emplace_back(name + ".exp_avg_sq", v);
-      }
-    }
-    return out;
-  }
-
- private:
-  std::vector<int> owner_;
-  int ranks_;
-};
-
 // Metrics averaged over a log interval.
 struct Interval {
   std::map<std::string, double> sums;
@@ -329,10 +233,6 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   const auto pixels = streamed ? torch::Tensor() : data::to_model_pixels(dataset.images);
   const auto labels = dataset.labels;
   const int64_t templates = static_cast<int64_t>(data::caption_templates().size());
-  std::vector<std::string> captions;
-  for (int64_t c = 0; c < data::kFashionMnistClasses; ++c)
-    for (int64_t k = 0; k < templates; ++k)
-      captions.push_back(data::caption(c, static_cast<size_t>(k)));
   teacher.text_encoder->eval();
   for (auto& p : teacher.text_encoder->parameters())
     p.set_requires_grad(false);
@@ -340,11 +240,15 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   generate::PromptEmbeds empty;  // the unconditional branch: "" (zeros for SDXL)
   {
     torch::NoGradGuard no_grad;
-    if (!streamed)
+    if (!streamed) {
+      std::vector<std::string> captions;
+      for (int64_t c = 0; c < data::kFashionMnistClasses; ++c)
+        for (int64_t k = 0; k < templates; ++k)
+          captions.push_back(data::caption(c, static_cast<size_t>(k)));
       caption_context = generate::encode_prompts(teacher, captions);  // [10 * templates, L, D]
-    empty = generate::encode_negative(teacher, "");                   // [1, L, D]
+    }
+    empty = generate::encode_negative(teacher, "");  // [1, L, D]
   }
-  const auto empty_context = empty.context;
 
   // ---- State: where to start.
   int64_t g = 0;
@@ -537,16 +441,19 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     // The networks' forward passes (in bf16 under mixed precision; outputs in float32).
     const bool bf16 = recipe.mixed_precision == "bf16";
     auto student_fn = [&](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
-      train::AutocastGuard autocast(bf16);
+      const nn::AutocastScope autocast(bf16 ? nn::AutocastState::bf16()
+                                            : nn::AutocastState::current());
       return student->forward(unet_inputs(x, t, c)).to(torch::kFloat32);
     };
     ConditionedModel teacher_fn = [&](const torch::Tensor& x, const torch::Tensor& t,
                                       const Conditioning& c) {
-      train::AutocastGuard autocast(bf16);
+      const nn::AutocastScope autocast(bf16 ? nn::AutocastState::bf16()
+                                            : nn::AutocastState::current());
       return teacher.unet->forward(unet_inputs(x, t, c)).to(torch::kFloat32);
     };
     auto d_features = [&](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
-      train::AutocastGuard autocast(bf16);
+      const nn::AutocastScope autocast(bf16 ? nn::AutocastState::bf16()
+                                            : nn::AutocastState::current());
       return disc->features(unet_inputs(x, t, c));
     };
     const auto grid = stage.timesteps.empty()
@@ -608,7 +515,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       if (phase.objective == Objective::kX0Warmup && stage.x0_warmup_learning_rate > 0)
         lr = stage.x0_warmup_learning_rate;
       // Optimiser state for all parameters, or (sharded) for this rank's share of them.
-      std::optional<OptimizerShards> g_shards, d_shards;
+      std::optional<train::OptimizerShards> g_shards, d_shards;
       if (recipe.shard_optimizer && group.size() > 1) {
         g_shards.emplace(student_params, group.size());
         d_shards.emplace(disc_params, group.size());
@@ -720,11 +627,11 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
             x0 = batch.pixels.to(device);
             context.context = batch.context.to(device);
             if (batch.pooled.defined()) context.pooled = batch.pooled.to(device);
-            if (batch.context.dim() != 3 || batch.context.size(2) != empty_context.size(2))
+            if (batch.context.dim() != 3 || batch.context.size(2) != empty.context.size(2))
               fail(
                   "{}: the cached text encodings are {}-wide but the teacher's are {}: the cache "
                   "was made with another text encoder",
-                  recipe.data_dir, batch.context.size(-1), empty_context.size(2));
+                  recipe.data_dir, batch.context.size(-1), empty.context.size(2));
             if (empty.pooled.defined() &&
                 (!batch.pooled.defined() || batch.pooled.size(-1) != empty.pooled.size(-1)))
               fail(
@@ -810,7 +717,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
             const bool conditional = phase.objective == Objective::kConditional;
             auto logits = [&](const torch::Tensor& x, const torch::Tensor& f_t) {
               auto f = d_features(x, t_d, context);
-              train::AutocastGuard autocast(bf16);
+              const nn::AutocastScope autocast(bf16 ? nn::AutocastState::bf16()
+                                                    : nn::AutocastState::current());
               return (conditional ? disc->conditional(f, f_t) : disc->unconditional(f))
                   .to(torch::kFloat32);
             };

@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "core/error.h"
 
@@ -43,6 +45,15 @@ void write_directory_atomic(const std::string& target_in,
     fail("{}: cannot rename {} into place ({})", target.string(), tmp.string(), ec.message());
   }
   if (had_old) fs::remove_all(old, ec);
+}
+
+bool read_file_bytes(const std::string& path, std::string* bytes) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  *bytes = buffer.str();
+  return !in.bad();
 }
 
 }  // namespace lightning::io

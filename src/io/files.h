@@ -1,6 +1,6 @@
-// Whole directories written atomically: build the new contents in a temporary sibling, then
-// swap it in, so a reader (or a crash) never sees a half-written model or checkpoint and an
-// existing directory is replaced only once its successor is complete.
+// Whole files read; whole directories written atomically: build the new contents in a temporary
+// sibling, then swap it in, so a reader (or a crash) never sees a half-written model or checkpoint
+// and an existing directory is replaced only once its successor is complete.
 #pragma once
 
 #include <functional>
@@ -13,5 +13,8 @@ namespace lightning::io {
 // temporary directory is removed and `target` is untouched.
 void write_directory_atomic(const std::string& target,
                             const std::function<void(const std::string& tmp)>& fill);
+
+// Reads the whole file into `bytes`. False when it cannot be opened or read (errno says why).
+bool read_file_bytes(const std::string& path, std::string* bytes);
 
 }  // namespace lightning::io

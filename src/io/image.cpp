@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "io/files.h"
 
 namespace lightning::io {
 namespace {
@@ -187,14 +188,8 @@ PngImage decode_png(const std::string& bytes, const std::string& what) {
 }
 
 PngImage read_png(const std::string& path) {
-  std::unique_ptr<FILE, FileCloser> file(std::fopen(path.c_str(), "rb"));
-  if (!file) fail("{}: cannot open: {}", path, std::strerror(errno));
   std::string bytes;
-  char buffer[1 << 16];
-  size_t got;
-  while ((got = std::fread(buffer, 1, sizeof buffer, file.get())) > 0)
-    bytes.append(buffer, got);
-  if (std::ferror(file.get())) fail("{}: read failed: {}", path, std::strerror(errno));
+  if (!read_file_bytes(path, &bytes)) fail("{}: cannot open: {}", path, std::strerror(errno));
   return decode_png(bytes, path);
 }
 

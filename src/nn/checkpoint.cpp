@@ -4,45 +4,14 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/custom_class.h>
-#include <torch/version.h>
+
+#include "nn/autocast.h"
 
 namespace lightning::nn {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The autocast state of the forward pass, re-applied while the backward pass recomputes it (as
-// torch.utils.checkpoint does), so that the recomputed activations are the ones used.
-struct AutocastState {
-  bool cpu = false, cuda = false;
-  at::ScalarType cpu_dtype = at::kBFloat16, cuda_dtype = at::kHalf;
-
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-  static AutocastState current() {
-    return {
-        at::autocast::is_autocast_enabled(at::kCPU), at::autocast::is_autocast_enabled(at::kCUDA),
-        at::autocast::get_autocast_dtype(at::kCPU), at::autocast::get_autocast_dtype(at::kCUDA)};
-  }
-  void apply() const {
-    at::autocast::set_autocast_enabled(at::kCPU, cpu);
-    at::autocast::set_autocast_enabled(at::kCUDA, cuda);
-    at::autocast::set_autocast_dtype(at::kCPU, cpu_dtype);
-    at::autocast::set_autocast_dtype(at::kCUDA, cuda_dtype);
-  }
-#else
-  static AutocastState current() {
-    return {at::autocast::is_cpu_enabled(), at::autocast::is_enabled(),
-            at::autocast::get_autocast_cpu_dtype(), at::autocast::get_autocast_gpu_dtype()};
-  }
-  void apply() const {
-    at::autocast::set_cpu_enabled(cpu);
-    at::autocast::set_enabled(cuda);
-    at::autocast::set_autocast_cpu_dtype(cpu_dtype);
-    at::autocast::set_autocast_gpu_dtype(cuda_dtype);
-  }
-#endif
-};
 
 // Autocast's weight-cast cache off for a scope.
 struct CacheOff {
@@ -57,6 +26,8 @@ struct CacheOff {
 struct FnHolder : torch::CustomClassHolder {
   explicit FnHolder(CheckpointedFn f) : fn(std::move(f)) {}
   CheckpointedFn fn;
+  // The forward pass's autocast state, re-applied while the backward pass recomputes it (as
+  // torch.utils.checkpoint does), so that the recomputed activations are the ones used.
   AutocastState autocast;
 };
 
@@ -91,19 +62,8 @@ struct Checkpointed : torch::autograd::Function<Checkpointed> {
     {
       torch::AutoGradMode enable(true);
       const CacheOff cache_off;
-      const auto outside = AutocastState::current();
-      holder->autocast.apply();
-      const bool autocast = holder->autocast.cpu || holder->autocast.cuda;
-      if (autocast) at::autocast::increment_nesting();
-      try {
-        outputs = holder->fn(inputs);
-      } catch (...) {
-        if (autocast) at::autocast::decrement_nesting();
-        outside.apply();
-        throw;
-      }
-      if (autocast && at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-      outside.apply();
+      const AutocastScope autocast(holder->autocast);
+      outputs = holder->fn(inputs);
     }
     variable_list roots, root_grads;
     for (size_t k = 0; k < outputs.size() && k < grads.size(); ++k)

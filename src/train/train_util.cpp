@@ -4,14 +4,15 @@
 #include <array>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <numeric>
 #include <random>
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
-#include <torch/version.h>
 
 #include "core/error.h"
+#include "dist/group.h"
 #include "io/image.h"
 #include "io/json_config.h"
 #include "io/plot.h"
@@ -172,8 +173,7 @@ void load_trainable_weights(torch::nn::Module& module, const std::string& file,
   io::LoadOptions options;
   options.device = device;
   io::load_weights(module, weights, options, file);
-  for (auto& p : module.parameters(true))
-    p.set_data(p.data().clone());
+  own_weights(module);
 }
 
 void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
@@ -209,51 +209,6 @@ void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
   io::write_png(path, io::render_line_plot(series, options));
 }
 
-// libtorch 2.4 replaced the per-device autocast functions by ones taking the device type.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-#define LIGHTNING_AUTOCAST_BY_DEVICE 1
-#endif
-
-AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
-  if (!enabled_) return;
-#ifdef LIGHTNING_AUTOCAST_BY_DEVICE
-  previous_cpu_ = at::autocast::is_autocast_enabled(at::kCPU);
-  previous_cuda_ = at::autocast::is_autocast_enabled(at::kCUDA);
-  previous_cpu_dtype_ = at::autocast::get_autocast_dtype(at::kCPU);
-  previous_cuda_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
-  at::autocast::set_autocast_enabled(at::kCPU, true);
-  at::autocast::set_autocast_enabled(at::kCUDA, true);
-  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
-  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-#else
-  previous_cpu_ = at::autocast::is_cpu_enabled();
-  previous_cuda_ = at::autocast::is_enabled();
-  previous_cpu_dtype_ = at::autocast::get_autocast_cpu_dtype();
-  previous_cuda_dtype_ = at::autocast::get_autocast_gpu_dtype();
-  at::autocast::set_cpu_enabled(true);
-  at::autocast::set_enabled(true);
-  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-#endif
-  at::autocast::increment_nesting();
-}
-
-AutocastGuard::~AutocastGuard() {
-  if (!enabled_) return;
-  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-#ifdef LIGHTNING_AUTOCAST_BY_DEVICE
-  at::autocast::set_autocast_enabled(at::kCPU, previous_cpu_);
-  at::autocast::set_autocast_enabled(at::kCUDA, previous_cuda_);
-  at::autocast::set_autocast_dtype(at::kCPU, previous_cpu_dtype_);
-  at::autocast::set_autocast_dtype(at::kCUDA, previous_cuda_dtype_);
-#else
-  at::autocast::set_cpu_enabled(previous_cpu_);
-  at::autocast::set_enabled(previous_cuda_);
-  at::autocast::set_autocast_cpu_dtype(previous_cpu_dtype_);
-  at::autocast::set_autocast_gpu_dtype(previous_cuda_dtype_);
-#endif
-}
-
 models::UNet2DConditionModel unet_sharing_weights(const models::UNet2DConditionModel& base) {
   models::UNet2DConditionModel unet{nullptr};
   {
@@ -284,6 +239,87 @@ void own_weights(torch::nn::Module& module) {
     p.set_data(p.detach().clone());
   for (auto& b : module.buffers(true))
     b.set_data(b.detach().clone());
+}
+
+OptimizerShards::OptimizerShards(const std::vector<torch::Tensor>& params, int ranks)
+    : owner_(params.size(), 0), ranks_(ranks) {
+  std::vector<size_t> order(params.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return params[a].numel() > params[b].numel(); });
+  std::vector<int64_t> load(static_cast<size_t>(ranks), 0);
+  for (size_t k : order) {
+    const auto r = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    owner_[k] = static_cast<int>(r);
+    load[r] += params[k].numel();
+  }
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> OptimizerShards::mine(
+    const std::vector<std::pair<std::string, torch::Tensor>>& named, int rank) const {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (size_t k = 0; k < named.size(); ++k)
+    if (owner_[k] == rank) out.push_back(named[k]);
+  return out;
+}
+
+void OptimizerShards::sync(const std::vector<torch::Tensor>& params,
+                           const dist::Group& group) const {
+  torch::NoGradGuard no_grad;
+  for (int r = 0; r < ranks_; ++r) {
+    std::vector<torch::Tensor> owned;
+    int64_t total = 0;
+    for (size_t k = 0; k < params.size(); ++k)
+      if (owner_[k] == r) {
+        owned.push_back(params[k]);
+        total += params[k].numel();
+      }
+    if (owned.empty()) continue;
+    torch::Tensor flat;
+    if (r == group.rank()) {
+      std::vector<torch::Tensor> pieces;
+      for (const auto& p : owned)
+        pieces.push_back(p.detach().reshape({-1}));
+      flat = torch::cat(pieces);
+    } else {
+      flat = torch::empty({total}, owned[0].options());
+    }
+    group.broadcast({flat}, r);
+    if (r == group.rank()) continue;
+    int64_t offset = 0;
+    for (auto& p : owned) {
+      p.detach().copy_(flat.narrow(0, offset, p.numel()).view_as(p));
+      offset += p.numel();
+    }
+  }
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> OptimizerShards::gather_state(
+    torch::optim::Optimizer& optimizer,
+    const std::vector<std::pair<std::string, torch::Tensor>>& named,
+    const dist::Group& group) const {
+  std::map<std::string, torch::Tensor> own;
+  for (auto& [name, t] : adam_state_tensors(optimizer, mine(named, group.rank())))
+    own[name] = t;
+  std::vector<double> has(named.size(), 0.0);
+  for (size_t k = 0; k < named.size(); ++k)
+    if (owner_[k] == group.rank() && own.count(named[k].first + ".exp_avg")) has[k] = 1;
+  has = group.sum(has);
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  torch::NoGradGuard no_grad;
+  for (size_t k = 0; k < named.size(); ++k) {
+    if (has[k] == 0) continue;
+    const auto& [name, p] = named[k];
+    const bool owner = owner_[k] == group.rank();
+    auto m = owner ? own.at(name + ".exp_avg") : torch::empty_like(p);
+    auto v = owner ? own.at(name + ".exp_avg_sq") : torch::empty_like(p);
+    group.broadcast({m, v}, owner_[k]);
+    if (group.is_main()) {
+      out.emplace_back(name + ".exp_avg", m);
+      out.emplace_back(name + ".exp_avg_sq", v);
+    }
+  }
+  return out;
 }
 
 }  // namespace lightning::train

@@ -14,6 +14,10 @@
 
 #include "models/unet.h"
 
+namespace lightning::dist {
+class Group;
+}
+
 namespace lightning::train {
 
 // A recipe's [log] table: how often to log metrics, write sample grids and checkpoints.
@@ -86,23 +90,6 @@ void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
                       const std::string& title, const std::string& y_label, bool log_y,
                       size_t smooth = 10);
 
-// Mixed precision: while alive (and `enabled`), the matrix products and convolutions of the
-// forward pass run in bf16 through libtorch's autocast (on the CPU and on CUDA), the rest in
-// float32; weights, gradients and optimiser state stay float32. Nests; restores the previous
-// state.
-class AutocastGuard {
- public:
-  explicit AutocastGuard(bool enabled);
-  ~AutocastGuard();
-  AutocastGuard(const AutocastGuard&) = delete;
-  AutocastGuard& operator=(const AutocastGuard&) = delete;
-
- private:
-  bool enabled_;
-  bool previous_cpu_ = false, previous_cuda_ = false;
-  torch::ScalarType previous_cpu_dtype_ = torch::kBFloat16, previous_cuda_dtype_ = torch::kHalf;
-};
-
 // A UNet that holds no weights of its own: every parameter and buffer is the same tensor as
 // `base`'s (frozen: requires_grad off). A LoRA student trains adapters on top of the frozen
 // teacher without a second copy of its weights. Built without initialising, so the UNet's own
@@ -111,5 +98,31 @@ models::UNet2DConditionModel unet_sharing_weights(const models::UNet2DConditionM
 // Gives every parameter and buffer of `module` its own storage (a copy): a sharing UNet before
 // its weights may change.
 void own_weights(torch::nn::Module& module);
+
+// ZeRO stage 1 ([train] shard_optimizer of a distillation recipe): every rank keeps the full
+// weights and the averaged gradients but Adam's moments only for its share of the parameters,
+// updates that share and broadcasts it. Shares are balanced by element count (largest first),
+// alike on every rank. Checkpoints gather the moments into the unsharded file format, so a run
+// may resume either way.
+class OptimizerShards {
+ public:
+  OptimizerShards(const std::vector<torch::Tensor>& params, int ranks);
+  // The named parameters rank `rank` updates.
+  std::vector<std::pair<std::string, torch::Tensor>> mine(
+      const std::vector<std::pair<std::string, torch::Tensor>>& named, int rank) const;
+  // After the ranks' steps: every parameter takes its owner's values (one flat broadcast per
+  // rank).
+  void sync(const std::vector<torch::Tensor>& params, const dist::Group& group) const;
+  // Every parameter's moments (as adam_state_tensors names them), from their owners; complete
+  // on rank 0 (the one that writes them).
+  std::vector<std::pair<std::string, torch::Tensor>> gather_state(
+      torch::optim::Optimizer& optimizer,
+      const std::vector<std::pair<std::string, torch::Tensor>>& named,
+      const dist::Group& group) const;
+
+ private:
+  std::vector<int> owner_;
+  int ranks_;
+};
 
 }  // namespace lightning::train
