@@ -43,7 +43,8 @@ void add_distill_command(CLI::App& app) {
       "Examples: lightning distill --recipe recipes/fmnist-lightning.toml --out runs/lightning\n"
       "          lightning distill --recipe recipes/fmnist-lightning.toml --out runs/lightning "
       "--resume\n"
-      "Ctrl-C writes a checkpoint and exits (status 130); --resume continues exactly.\n"
+      "Ctrl-C (or SIGTERM) writes a checkpoint and exits (status 130); --resume continues "
+      "exactly.\n"
       "Data parallel: --nproc N runs N local processes; across machines, start one process per "
       "rank with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun does (README).");
   cmd->add_option("--recipe", args->recipe, "TOML recipe")->required()->check(CLI::ExistingFile);

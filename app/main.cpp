@@ -1,5 +1,7 @@
 // The `lightning` program: parses the command line, runs one subcommand, and turns every
 // failure into one line on stderr and an exit code (DESIGN.md: 0 ok, 1 runtime, 2 usage).
+#include <signal.h>
+
 #include <cstdio>
 #include <exception>
 
@@ -12,6 +14,9 @@
 #include "core/system.h"
 
 int main(int argc, char** argv) {
+  // A write past the file-size limit (ulimit -f) then fails with EFBIG and gets the same one-line
+  // error as a full disk, instead of killing the process mid-write.
+  signal(SIGXFSZ, SIG_IGN);
   lightning::init_logging();
   lightning::tune_allocator();
   CLI::App app{"lightning: few-step text-to-image diffusion (SDXL-Lightning) in C++", "lightning"};

@@ -1,20 +1,26 @@
 // Data-parallel distillation over Gloo on loopback: two processes follow one process with the
-// same global batch; a dead rank, an unreachable rendezvous and mismatched recipes end every
-// rank with a line naming the cause instead of hanging.
+// same global batch; a dead rank, a hung rank, an unreachable rendezvous and mismatched recipes
+// end every rank with a line naming the cause instead of hanging; Ctrl-C stops every rank with
+// one checkpoint; a checkpoint that cannot be written leaves the previous one as it was.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -67,6 +73,76 @@ std::string rank_command(int rank, int world, int port, const std::string& args)
   return "RANK=" + std::to_string(rank) + " WORLD_SIZE=" + std::to_string(world) +
          " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " + LIGHTNING_BIN + " " +
          args;
+}
+
+// The quick recipe with a first stage too long to finish during a test, to stop it from outside.
+std::string long_recipe(const std::string& dir) {
+  auto text = read_text(quick_recipe());
+  const std::string from = "mse_iterations = 12";
+  const auto at = text.find(from);
+  EXPECT_NE(at, std::string::npos);
+  text.replace(at, from.size(), "mse_iterations = 100000");
+  std::ofstream(dir + "/long.toml") << text;
+  return dir + "/long.toml";
+}
+
+// `lightning args` in the background as the leader of its own process group (as a shell job in
+// a terminal: Ctrl-C reaches the launcher and every rank), logging to dir/log.txt; killed with
+// its group if still running when the test ends.
+class BackgroundJob {
+ public:
+  BackgroundJob(const std::string& dir, const std::string& args) : dir_(dir) {
+    std::system(("(setsid -w sh -c 'echo $$ > " + dir + "/pid; exec " + LIGHTNING_BIN + " " + args +
+                 "' > " + dir + "/log.txt 2>&1; echo $? > " + dir + "/rc) &")
+                    .c_str());
+  }
+  ~BackgroundJob() {
+    if (leader_ > 0 && !exit_code()) ::kill(-leader_, SIGKILL);
+  }
+  std::string log() const { return read_text(dir_ + "/log.txt"); }
+
+  // Waits until `metrics` has a line and the launcher has named the ranks' pids; false on
+  // timeout. Then leader() is the launcher's pid and rank_pid(r) rank r's.
+  bool wait_for_training(const std::string& metrics, std::chrono::seconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::smatch match;
+    while (std::chrono::steady_clock::now() < deadline) {
+      const auto text = log();
+      if (leader_ <= 0 && fs::exists(dir_ + "/pid") && !read_text(dir_ + "/pid").empty())
+        leader_ = std::stoi(read_text(dir_ + "/pid"));
+      if (leader_ > 0 && fs::exists(metrics) && !fs::is_empty(metrics) &&
+          std::regex_search(text, match, std::regex(R"(\(pids (\d+), (\d+)\))"))) {
+        ranks_ = {std::stoi(match[1].str()), std::stoi(match[2].str())};
+        return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+  pid_t leader() const { return leader_; }
+  pid_t rank_pid(int r) const { return ranks_.at(static_cast<size_t>(r)); }
+
+  // The job's exit status once it has ended.
+  std::optional<int> exit_code() const {
+    const auto text = read_text(dir_ + "/rc");
+    if (text.empty() || text.back() != '\n') return std::nullopt;
+    return std::stoi(text);
+  }
+  std::optional<int> wait(std::chrono::seconds timeout) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!exit_code() && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    return exit_code();
+  }
+
+ private:
+  std::string dir_;
+  pid_t leader_ = -1;
+  std::vector<pid_t> ranks_;
+};
+
+int64_t checkpoint_iteration(const std::string& run) {
+  return nlohmann::json::parse(read_text(run + "/checkpoint/state.json")).at("iteration");
 }
 
 }  // namespace
@@ -296,4 +372,101 @@ TEST(Dist, UnreachableRendezvousAndMismatchedRecipesAreRefused) {
   EXPECT_NE(odd.exit_code, 0) << odd.output;
   EXPECT_NE(odd.output.find("batch_size = 8 does not split evenly over 3 ranks"), std::string::npos)
       << odd.output;
+}
+
+TEST(Dist, CtrlCStopsEveryRankAtOneIterationWithOneCheckpoint) {
+  const auto dir = test::temp_dir();
+  const auto recipe = long_recipe(dir);
+  BackgroundJob job(dir, "distill --recipe " + recipe + " --out " + dir +
+                             "/run --nproc 2 --threads 2 --dist-timeout 30");
+  ASSERT_TRUE(job.wait_for_training(dir + "/run/metrics.jsonl", std::chrono::seconds(120)))
+      << job.log();
+  // What a terminal does on Ctrl-C: SIGINT to the launcher and to both ranks.
+  ASSERT_EQ(::kill(-job.leader(), SIGINT), 0);
+  const auto rc = job.wait(std::chrono::seconds(60));
+  ASSERT_TRUE(rc.has_value()) << "the job did not stop after Ctrl-C\n" << job.log();
+  const auto text = job.log();
+  EXPECT_EQ(*rc, 130) << text;
+  std::smatch match;
+  ASSERT_TRUE(std::regex_search(
+      text, match, std::regex(R"(interrupted at iteration (\d+); checkpoint written)")))
+      << text;
+  const int64_t stopped = std::stoll(match[1].str());
+  EXPECT_EQ(checkpoint_iteration(dir + "/run"), stopped);
+  EXPECT_EQ(text.find("exited with status"), std::string::npos) << text;  // no rank failed
+
+  // Both ranks continue from it.
+  auto resumed = test::run_lightning("distill --recipe " + recipe + " --out " + dir +
+                                     "/run --nproc 2 --threads 2 --resume --until " +
+                                     std::to_string(stopped + 2));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_EQ(checkpoint_iteration(dir + "/run"), stopped + 2);
+}
+
+TEST(Dist, TheLauncherTerminatesRanksThatOutliveTheTimeout) {
+  // Rank 1 dies while rank 0 is stopped (SIGSTOP: it cannot notice): after the grace time
+  // (--dist-timeout + 10 s) the launcher terminates rank 0 and names it.
+  const auto dir = test::temp_dir();
+  BackgroundJob job(dir, "distill --recipe " + long_recipe(dir) + " --out " + dir +
+                             "/run --nproc 2 --threads 2 --dist-timeout 2");
+  ASSERT_TRUE(job.wait_for_training(dir + "/run/metrics.jsonl", std::chrono::seconds(120)))
+      << job.log();
+  ASSERT_EQ(::kill(job.rank_pid(0), SIGSTOP), 0);
+  ASSERT_EQ(::kill(job.rank_pid(1), SIGKILL), 0);
+  const auto killed_at = std::chrono::steady_clock::now();
+  const auto rc = job.wait(std::chrono::seconds(60));
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count();
+  ASSERT_TRUE(rc.has_value()) << "the launcher did not end the stopped rank\n" << job.log();
+  const auto text = job.log();
+  EXPECT_EQ(*rc, 128 + SIGKILL) << text;  // the status of the rank that failed first
+  EXPECT_NE(text.find("rank 1 (pid " + std::to_string(job.rank_pid(1)) +
+                      ") was killed by signal 9; waiting up to 12 s"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("rank(s) 0 still running 12 s after the failure: terminating them (SIGTERM)"),
+            std::string::npos)
+      << text;
+  EXPECT_GE(took, 12.0);
+  EXPECT_LT(took, 40.0);
+  errno = 0;
+  EXPECT_EQ(::kill(job.rank_pid(0), 0), -1);  // gone, and reaped by the launcher
+  EXPECT_EQ(errno, ESRCH);
+}
+
+TEST(Dist, ACheckpointThatCannotBeWrittenLeavesThePreviousOne) {
+  // A disk that fills up during rank 0's checkpoint, made with a file-size limit (prlimit
+  // --fsize): the write fails (EFBIG rather than ENOSPC, through the same code), the job ends
+  // with the file named, the previous checkpoint is untouched and both ranks resume from it.
+  const auto dir = test::temp_dir();
+  const auto run = dir + "/run";
+  const std::string args = "distill --recipe " + quick_recipe() + " --out " + run +
+                           " --nproc 2 --threads 2 --dist-timeout 20 ";
+  auto first = test::run_lightning(args + "--until 5");
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  std::map<std::string, std::string> before;
+  for (const auto& entry : fs::directory_iterator(run + "/checkpoint"))
+    before[entry.path().filename().string()] = read_text(entry.path().string());
+  ASSERT_TRUE(before.count("student.safetensors"));
+  // Every file up to the checkpoint fits (logs, metrics, plots); the student's weights do not.
+  const auto limit = before["student.safetensors"].size() - 1;
+  auto full = test::run_command("prlimit --fsize=" + std::to_string(limit) + " " + LIGHTNING_BIN +
+                                " " + args + "--resume --until 10");
+  ASSERT_NE(full.exit_code, 0) << full.output;
+  EXPECT_TRUE(std::regex_search(
+      full.output, std::regex(R"(student\.safetensors\S*: write failed: File too large)")))
+      << full.output;
+  EXPECT_NE(full.output.find("rank 0 (pid"), std::string::npos) << full.output;
+
+  std::map<std::string, std::string> after;
+  for (const auto& entry : fs::directory_iterator(run + "/checkpoint"))
+    after[entry.path().filename().string()] = read_text(entry.path().string());
+  EXPECT_TRUE(after == before) << "the checkpoint of iteration 5 changed";
+  for (const auto& entry : fs::directory_iterator(run))
+    EXPECT_EQ(entry.path().filename().string().find("checkpoint."), std::string::npos)
+        << "left behind: " << entry.path();
+
+  auto again = test::run_lightning(args + "--resume --until 10");
+  ASSERT_EQ(again.exit_code, 0) << again.output;
+  EXPECT_EQ(checkpoint_iteration(run), 10);
 }

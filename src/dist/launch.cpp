@@ -53,6 +53,14 @@ std::string describe(int status) {
   return fmt::format("exited with status {}", WEXITSTATUS(status));
 }
 
+// The ranks not yet reaped, as "0, 3".
+std::string running_ranks() {
+  std::string ranks;
+  for (size_t r = 0; r < g_children.size(); ++r)
+    if (g_children[r] > 0) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  return ranks;
+}
+
 int exit_code(int status) {
   return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
 }
@@ -121,7 +129,8 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::s
 
   int result = 0, running = nproc;
   std::optional<std::chrono::steady_clock::time_point> failed_at;
-  bool terminated = false;
+  bool terminated = false, killed = false;
+  constexpr auto kill_after = std::chrono::seconds(10);
   while (running > 0) {
     int status = 0;
     const pid_t pid = waitpid(-1, &status, failed_at ? WNOHANG : 0);
@@ -130,12 +139,18 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::s
     if (pid == 0) {      // after a failure: waiting for the others, then ending them
       const auto waited = std::chrono::steady_clock::now() - *failed_at;
       if (!terminated && waited > grace) {
-        spdlog::warn("ranks still running {} s after the failure: terminating them",
+        spdlog::warn("rank(s) {} still running {} s after the failure: terminating them (SIGTERM)",
+                     running_ranks(),
                      std::chrono::duration_cast<std::chrono::seconds>(grace).count());
         pass_on_signal(SIGTERM);
+        pass_on_signal(SIGCONT);  // a stopped rank gets the SIGTERM too
         terminated = true;
-      } else if (terminated && waited > grace + std::chrono::seconds(10)) {
+      } else if (terminated && !killed && waited > grace + kill_after) {
+        spdlog::warn("rank(s) {} still running {} s after SIGTERM: killing them (SIGKILL)",
+                     running_ranks(),
+                     std::chrono::duration_cast<std::chrono::seconds>(kill_after).count());
         pass_on_signal(SIGKILL);
+        killed = true;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
       continue;
