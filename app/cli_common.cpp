@@ -35,6 +35,10 @@ std::string shipped_vocab() {
   return path;
 }
 
+std::string shipped_recipe(const std::string& name) {
+  return find_shipped("recipes/" + name, LIGHTNING_SOURCE_ROOT);
+}
+
 std::string shipped_models_root() {
   return find_shipped("models", LIGHTNING_SOURCE_ROOT);
 }

@@ -1,4 +1,5 @@
-// `lightning bench`: UNet forward speed, memory and GFLOP/s (not a test; see docs/benchmarks.md).
+// `lightning bench`: UNet forward speed, memory and GFLOP/s; VAE decodes; text-to-image end to
+// end; a distillation dry run (not tests; see docs/benchmarks.md).
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -6,6 +7,7 @@
 
 #include "app/commands.h"
 #include "app/device.h"
+#include "bench/distill_bench.h"
 #include "bench/unet_bench.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -18,6 +20,8 @@ struct BenchArgs {
   int threads = 0;
   std::string save_random;
   std::string weights_dtype;  // --save-random: f16 by default; --pipeline: the --dtype
+  bench::DistillBenchOptions distill;
+  std::string data;  // --data
 };
 }  // namespace
 
@@ -31,7 +35,9 @@ void add_bench_command(CLI::App& app) {
       "          lightning bench --unet sdxl --save-random /tmp/sdxl-f16 --weights-dtype f16\n"
       "          lightning bench --model /tmp/sdxl-f16 --dtype f32 --latent 32\n"
       "          lightning bench --vae sdxl --image 512,1024 --dtype f32 [--vae-tile 512]\n"
-      "          lightning bench --pipeline sdxl --image 1024 --steps 4 --device cuda --dtype f16");
+      "          lightning bench --pipeline sdxl --image 1024 --steps 4 --device cuda --dtype f16\n"
+      "          lightning bench --distill sdxl --image 256 --iterations 1   (needs ~75 GB)\n"
+      "          lightning bench --data synthetic --image 1024 --batch 8 --repeat 5");
   auto& o = args->options;
   cmd->add_option("--unet", o.presets, "UNet presets: tiny-sdxl, tiny-sd15, sd15, sdxl")
       ->delimiter(',')
@@ -92,6 +98,27 @@ void add_bench_command(CLI::App& app) {
                   "--save-random: the stored dtype (default f16); --pipeline: hold the weights in "
                   "this dtype while computing in --dtype (default: the --dtype)")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}));
+  auto& d = args->distill;
+  cmd->add_option("--distill", d.teacher,
+                  "Dry-run a distillation recipe (every stage and phase, a few iterations each) "
+                  "on a random-weight preset (sdxl, tiny-sdxl) or a model directory: seconds "
+                  "per iteration and peak memory of every phase");
+  cmd->add_option("--recipe", d.recipe,
+                  "--distill: the recipe (default: recipes/sdxl-lightning.toml)")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--iterations", d.iterations, "--distill: iterations per phase")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--data", args->data,
+                  "Time one reader thread turning WebDataset shards (a brace pattern, or "
+                  "'synthetic' for generated JPEGs) into batches of --batch images in "
+                  "aspect-ratio buckets of about --image² pixels (default 1024): images/s");
+  cmd->add_option("--mixed-precision", d.mixed_precision,
+                  "--distill: no or bf16 (default: the recipe's [train] mixed_precision)")
+      ->check(CLI::IsMember({"no", "bf16"}));
+  cmd->add_option("--work-dir", d.work_dir,
+                  "--distill: keep the teacher, data and run here (default: a temporary "
+                  "directory, removed)");
   add_threads_option(*cmd, &args->threads);
   cmd->callback([args] {
     const auto& pipeline = args->options.pipeline;
@@ -103,6 +130,40 @@ void add_bench_command(CLI::App& app) {
                  pipeline);
     set_threads(args->threads);
     spdlog::info("bench: {} threads", at::get_num_threads());
+    const auto progress = [](const std::string& line) { spdlog::info("{}", line); };
+    if (!args->data.empty()) {
+      bench::DataBenchOptions data;
+      data.shards = args->data;
+      if (args->options.images.size() > 1)
+        fail_usage("--data: give one --image size, not {}", args->options.images.size());
+      if (!args->options.images.empty()) data.resolution = args->options.images[0];
+      data.batch = args->options.batch;
+      data.warmup = args->options.warmup;
+      data.batches = args->options.repeat;
+      const auto result = bench::run_data_bench(data, progress);
+      std::printf(
+          "| data | image size | batch | images | seconds | images/s |\n|---|---|---|---|---|---|\n"
+          "| %s | %lld | %lld | %lld | %.2f | %.1f |\n",
+          args->data.c_str(), static_cast<long long>(data.resolution),
+          static_cast<long long>(data.batch), static_cast<long long>(result.images), result.seconds,
+          result.images_per_s);
+      return;
+    }
+    if (!args->distill.teacher.empty()) {
+      auto d = args->distill;
+      if (!args->options.pipeline.empty() || !args->options.vae_presets.empty())
+        fail_usage("--distill with --pipeline or --vae: choose one benchmark");
+      if (args->options.images.size() > 1)
+        fail_usage("--distill: give one --image size, not {}", args->options.images.size());
+      if (!args->options.images.empty()) d.resolution = args->options.images[0];
+      if (d.recipe.empty()) d.recipe = shipped_recipe("sdxl-lightning.toml");
+      d.batch = args->options.batch;
+      d.device = parse_device(args->options.device).str();
+      d.vocab = shipped_vocab();
+      const auto rows = bench::run_distill_bench(d, progress);
+      std::fputs(bench::format_distill_table(rows).c_str(), stdout);
+      return;
+    }
     const auto& dtypes = args->options.dtypes;
     const bool cpu = parse_device(args->options.device).is_cpu();
     if (cpu && std::find(dtypes.begin(), dtypes.end(), "f16") != dtypes.end())
@@ -118,7 +179,6 @@ void add_bench_command(CLI::App& app) {
       spdlog::info("wrote {}", args->save_random);
       return;
     }
-    const auto progress = [](const std::string& line) { spdlog::info("{}", line); };
     std::vector<bench::BenchRow> rows;
     if (!args->options.pipeline.empty()) {
       args->options.vocab = shipped_vocab();

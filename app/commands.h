@@ -23,5 +23,8 @@ void add_threads_option(CLI::App& command, int* threads);
 std::string shipped_vocab();
 // The folder of shipped models (models/ beside the program, else the source tree).
 std::string shipped_models_root();
+// A shipped recipe, e.g. "sdxl-lightning.toml" (recipes/ beside the program, else the source
+// tree).
+std::string shipped_recipe(const std::string& name);
 
 }  // namespace lightning::app

@@ -107,13 +107,12 @@ void reset_peaks(torch::Device device) {
   reset_peak_rss();
   if (device.is_cuda()) {
     torch::zeros({1}, torch::TensorOptions().device(device));  // creates the allocator's state
-    reset_cuda_peak(device.index() < 0 ? 0 : device.index());
+    reset_peak_memory(device);
   }
 }
 
 double peak_gpu_gb(torch::Device device) {
-  return device.is_cuda() ? cuda_peak_allocated_bytes(device.index() < 0 ? 0 : device.index()) / 1e9
-                          : 0.0;
+  return device.is_cuda() ? peak_memory_bytes(device) / 1e9 : 0.0;
 }
 
 // Median seconds of `run` over options.repeat synchronised calls after options.warmup.
@@ -315,8 +314,8 @@ double count_params(torch::nn::Module& module) {
   return n;
 }
 
-// A random-weight text-to-image pipeline: SDXL base 1.0's shapes ("sdxl": 2.6B UNet, CLIP-L and
-// OpenCLIP-bigG, the 84M VAE) or a tiny one of the same structure ("tiny-sdxl").
+}  // namespace
+
 generate::TextToImageModel random_pipeline(const std::string& preset,
                                            const models::ModelLoadOptions& load, bool vae_upcast,
                                            const std::string& vocab) {
@@ -369,6 +368,8 @@ generate::TextToImageModel random_pipeline(const std::string& preset,
     m->eval();
   return model;
 }
+
+namespace {
 
 generate::TextToImageModel bench_pipeline(const UNetBenchOptions& options, torch::ScalarType dtype,
                                           torch::Device device) {

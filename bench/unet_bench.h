@@ -6,6 +6,9 @@
 #include <string>
 #include <vector>
 
+#include "generate/pipeline.h"
+#include "models/model_loader.h"
+
 namespace lightning::bench {
 
 struct UNetBenchOptions {
@@ -41,6 +44,14 @@ struct UNetBenchOptions {
   std::string weights_dtype;  // pipeline: hold weights in this dtype ("": the compute dtype)
   std::string vocab;          // the CLIP vocabulary for random presets and single files
 };
+
+// A random-weight text-to-image pipeline: SDXL base 1.0's shapes ("sdxl": 2.6B UNet, CLIP-L and
+// OpenCLIP-bigG, the 84M VAE) or a tiny one of the same structure ("tiny-sdxl"), its weights
+// held as `load` says, with the CLIP vocabulary at `vocab`; `vae_upcast` keeps SDXL's
+// force_upcast.
+generate::TextToImageModel random_pipeline(const std::string& preset,
+                                           const models::ModelLoadOptions& load, bool vae_upcast,
+                                           const std::string& vocab);
 
 // Writes a random-weight UNet of `preset` as a diffusers model directory with weights stored in
 // `weights_dtype` (f32, f16, bf16), for load benchmarks (e.g. a full-size SDXL UNet).

@@ -54,6 +54,17 @@ TEST(Cli, BenchPipelineTimesEveryPart) {
                         "choose one");
 }
 
+TEST(Cli, BenchDataReadsBatches) {
+  auto r = test::run_lightning(
+      "bench --threads 1 --data synthetic --image 64 --batch 2 --warmup 1 --repeat 3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("| synthetic | 64 | 2 | 6 | "));
+  EXPECT_THAT(r.output, HasSubstr("(0 skipped)"));
+  r = test::run_lightning("bench --data /nonexistent/x-{0..1}.tar");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("lightning: /nonexistent/x-0.tar: shard not found"));
+}
+
 TEST(Cli, ForwardUnetWritesDiffusersOutput) {
   const auto out = test::temp_dir() + "/out.safetensors";
   auto r =

@@ -387,5 +387,55 @@ TEST(BucketBatcher, BatchesOneBucketAndResumesExactly) {
   EXPECT_THROW(wrong.restore(state), Error);
 }
 
+TEST(BatchPrefetcher, TheBatcherBatchesAndStateAndItsErrorsInTurn) {
+  const auto dir = test::temp_dir();
+  for (int s = 0; s < 3; ++s)
+    write_shard(fmt::format("{}/p-{}.tar", dir, s), s * 7, 7);
+  data::DataSource source;
+  source.shards = dir + "/p-{0..2}.tar";
+  source.shuffle_buffer = 5;
+  data::BatcherOptions options;
+  options.batch_size = 2;
+  options.channels = 3;
+  options.buckets = data::make_buckets(32, 8, 2.0);
+  for (int64_t depth : {0, 1, 3}) {
+    SCOPED_TRACE("depth " + std::to_string(depth));
+    data::SampleStream stream(source);
+    data::BucketBatcher batcher(stream, options);
+    data::SampleStream reference_stream(source);
+    data::BucketBatcher reference(reference_stream, options);
+    data::BatchPrefetcher prefetcher(batcher, depth);
+    EXPECT_EQ(prefetcher.state(), reference.state());
+    for (int i = 0; i < 25; ++i) {  // over two epochs
+      const auto a = prefetcher.next(), b = reference.next();
+      ASSERT_EQ(a.keys, b.keys) << "batch " << i;
+      EXPECT_TRUE(torch::equal(a.pixels, b.pixels) && torch::equal(a.time_ids, b.time_ids));
+      // The state after the batch handed out, not after the ones read ahead.
+      ASSERT_EQ(prefetcher.state(), reference.state()) << "batch " << i;
+    }
+  }  // destroyed with batches read ahead: the thread stops
+
+  // A shard of undecodable images: the stream's error comes out of next(), not the thread.
+  {
+    data::TarShardWriter tar(dir + "/bad.tar");
+    for (int i = 0; i < 3; ++i) {
+      tar.add(fmt::format("b{}.png", i), "not a png");
+      tar.add(fmt::format("b{}.txt", i), "a caption");
+    }
+    tar.close();
+  }
+  data::DataSource bad = source;
+  bad.shards = dir + "/bad.tar";
+  data::SampleStream bad_stream(bad);
+  data::BucketBatcher bad_batcher(bad_stream, options);
+  data::BatchPrefetcher bad_prefetcher(bad_batcher, 2);
+  try {
+    bad_prefetcher.next();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("gave rank 0 no usable sample")) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace lightning

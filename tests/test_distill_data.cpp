@@ -170,6 +170,10 @@ TEST(DistillData, RecipeRefusesBadDataKeys) {
               HasSubstr("max_aspect"));
   EXPECT_THAT(error_of("dataset = \"image-folder\"\ndir = \"x\"\nshard = \"a.tar\""),
               HasSubstr("shard"));
+  EXPECT_THAT(error_of("dataset = \"webdataset\"\nshards = \"a.tar\"\nprefetch = -1"),
+              HasSubstr("[data]: key 'prefetch': must be 0 (no read-ahead) to 64 batches"));
+  EXPECT_THAT(error_of("dataset = \"fashion-mnist\"\nprefetch = 2"),  // in memory: no stream
+              HasSubstr("prefetch"));
   // A missing shard is named when the run starts.
   const auto path = dir + "/missing.toml";
   std::ofstream(path) << recipe_text(dir + "/none-{0..1}.tar");

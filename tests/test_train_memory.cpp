@@ -4,6 +4,7 @@
 // ids) on tar shards and on a cache, with checkpointing and a sharing LoRA student.
 #include <filesystem>
 #include <fstream>
+#include <regex>
 
 #include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
@@ -370,6 +371,42 @@ TEST(SdxlLightningRecipe, FollowsThePaper) {
   EXPECT_EQ(one.renoise_weights_late, (std::vector<double>{5, 1, 1, 1}));
   EXPECT_TRUE(r.gradient_checkpointing);
   EXPECT_EQ(r.resolution, 1024);
+}
+
+// `lightning bench --distill` runs the paper's recipe, every stage and phase, on a random
+// pipeline (full size on a big machine; the tiny preset here) and reports each phase.
+TEST(SdxlLightningRecipe, BenchDryRunsEveryPhase) {
+  const auto dir = test::temp_dir();
+  const auto recipe_path = test::source_path("recipes/sdxl-lightning.toml");
+  auto run = test::run_lightning("bench --distill tiny-sdxl --recipe " + recipe_path +
+                                 " --image 32 --iterations 2 --threads 2 --work-dir " + dir);
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  // The table's rows: stage, phase, iterations, then four numbers.
+  std::vector<std::string> rows;
+  const std::regex row(
+      R"(\| (\d+ [\w-]+) \| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|)");
+  for (std::sregex_iterator it(run.output.begin(), run.output.end(), row), end; it != end; ++it) {
+    rows.push_back((*it)[1].str() + " " + (*it)[2].str() + " " + (*it)[3].str());
+    EXPECT_GT(std::stod((*it)[5].str()), 0.0) << it->str();
+    EXPECT_GT(std::stod((*it)[7].str()), 0.0) << it->str();  // peak memory
+  }
+  std::vector<std::string> expected;
+  const auto recipe = distill::DistillRecipe::load(recipe_path);
+  for (size_t s = 0; s < recipe.stages.size(); ++s)
+    for (const auto& phase : recipe.stages[s].phases())
+      if (phase.iterations > 0)
+        expected.push_back(std::to_string(s + 1) + " " + recipe.stages[s].name + " " + phase.name +
+                           " 2");
+  EXPECT_EQ(rows, expected) << run.output;
+  EXPECT_TRUE(fs::exists(dir + "/run/stage-5-2-to-1/model/model_index.json"));
+  EXPECT_TRUE(fs::exists(dir + "/run/stage-4-4-to-2/lora.safetensors"));
+  EXPECT_FALSE(fs::exists(dir + "/run/checkpoint"));
+
+  auto bad = test::run_lightning("bench --distill sd3 --recipe " + recipe_path);
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--distill sd3: not a preset (sdxl, tiny-sdxl) or a model directory"),
+            std::string::npos)
+      << bad.output;
 }
 
 TEST(MixedPrecision, Bf16AutocastTrainsCloseToFloat32) {

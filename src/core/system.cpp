@@ -103,4 +103,18 @@ int64_t cuda_peak_reserved_bytes(int) {
 void reset_cuda_peak(int) {}
 #endif
 
+int64_t peak_memory_bytes(const c10::Device& device) {
+  return device.is_cuda() ? cuda_peak_allocated_bytes(device.has_index() ? device.index() : 0)
+                          : peak_rss_bytes();
+}
+
+void reset_peak_memory(const c10::Device& device) {
+  if (device.is_cuda()) {
+    reset_cuda_peak(device.has_index() ? device.index() : 0);
+  } else {
+    malloc_trim(0);  // free heap pages the allocator keeps (tune_allocator) stop counting
+    reset_peak_rss();
+  }
+}
+
 }  // namespace lightning

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include <c10/core/Device.h>
+
 namespace lightning {
 
 // Cores this process may run on (sched_getaffinity), at least 1.
@@ -38,5 +40,12 @@ bool reset_peak_rss();
 int64_t cuda_peak_allocated_bytes(int index);
 int64_t cuda_peak_reserved_bytes(int index);
 void reset_cuda_peak(int index);
+
+// The peak memory of a device since reset_peak_memory(device): on CUDA the caching allocator's
+// tensor bytes (its state must exist: something was allocated there), on the CPU the process's
+// RSS high-water mark (freed heap memory is returned to the kernel first, so that memory an
+// earlier phase freed does not count).
+int64_t peak_memory_bytes(const c10::Device& device);
+void reset_peak_memory(const c10::Device& device);
 
 }  // namespace lightning

@@ -1,5 +1,6 @@
 #include "data/buckets.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -207,6 +208,62 @@ void BucketBatcher::restore(const nlohmann::json& state) {
   // alone) with the same crop (drawn from its key).
   for (auto& sample : samples)
     add(std::move(sample));
+}
+
+BatchPrefetcher::BatchPrefetcher(BucketBatcher& batcher, int64_t depth)
+    : batcher_(batcher),
+      depth_(static_cast<size_t>(std::max<int64_t>(depth, 0))),
+      state_(batcher.state()) {
+  if (depth_ > 0) worker_ = std::thread([this] { work(); });
+}
+
+BatchPrefetcher::~BatchPrefetcher() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  changed_.notify_all();
+  if (worker_.joinable()) worker_.join();  // after the batch it may be reading
+}
+
+void BatchPrefetcher::work() {
+  torch::NoGradGuard no_grad;
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      changed_.wait(lock, [this] { return stopping_ || ready_.size() < depth_; });
+      if (stopping_) return;
+    }
+    try {
+      auto batch = batcher_.next();
+      auto state = batcher_.state();
+      std::lock_guard<std::mutex> lock(mutex_);
+      ready_.emplace_back(std::move(batch), std::move(state));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      error_ = std::current_exception();
+      changed_.notify_all();
+      return;
+    }
+    changed_.notify_all();
+  }
+}
+
+Batch BatchPrefetcher::next() {
+  if (depth_ == 0) {
+    auto batch = batcher_.next();
+    state_ = batcher_.state();
+    return batch;
+  }
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [this] { return !ready_.empty() || error_; });
+  if (ready_.empty()) std::rethrow_exception(error_);
+  auto [batch, state] = std::move(ready_.front());
+  ready_.pop_front();
+  state_ = std::move(state);
+  lock.unlock();
+  changed_.notify_all();
+  return std::move(batch);
 }
 
 }  // namespace lightning::data

@@ -5,10 +5,16 @@
 #pragma once
 
 #include <array>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <exception>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include <torch/types.h>
@@ -91,6 +97,36 @@ class BucketBatcher {
   SampleStream& stream_;
   BatcherOptions options_;
   std::vector<std::vector<Waiting>> waiting_;  // per bucket
+};
+
+// Draws a BucketBatcher's batches on a background thread, up to `depth` ahead, so that reading,
+// decoding and fitting images overlap the training step (as a DataLoader worker does). The
+// batches and their order are exactly the batcher's; state() is the batcher's state after the
+// last batch handed out (not after those read ahead), so a checkpoint resumes exactly. Depth 0
+// reads in the caller's thread. An error of the batcher is thrown by the next() that would have
+// returned its batch.
+class BatchPrefetcher {
+ public:
+  // `batcher` is in the state to continue from (restore it first).
+  BatchPrefetcher(BucketBatcher& batcher, int64_t depth);
+  ~BatchPrefetcher();
+  BatchPrefetcher(const BatchPrefetcher&) = delete;
+  BatchPrefetcher& operator=(const BatchPrefetcher&) = delete;
+
+  Batch next();
+  const nlohmann::json& state() const { return state_; }
+
+ private:
+  void work();
+  BucketBatcher& batcher_;
+  size_t depth_;
+  nlohmann::json state_;  // after the last batch handed out
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<std::pair<Batch, nlohmann::json>> ready_;  // each batch with the state after it
+  std::exception_ptr error_;
+  bool stopping_ = false;
+  std::thread worker_;
 };
 
 }  // namespace lightning::data

@@ -238,6 +238,11 @@ DistillRecipe DistillRecipe::from_json(const nlohmann::json& json, const std::st
                  fmt::format("'{}' is not one of fashion-mnist, webdataset, image-folder, cache",
                              r.dataset));
     }
+    if (r.dataset != "fashion-mnist") {
+      r.prefetch = d.get_int("prefetch", r.prefetch);
+      if (r.prefetch < 0 || r.prefetch > 64)
+        d.fail_key("prefetch", "must be 0 (no read-ahead) to 64 batches");
+    }
     d.refuse_unknown_keys();
   }
   {

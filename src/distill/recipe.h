@@ -116,6 +116,8 @@ struct DistillRecipe {
   int64_t resolution = 0;
   double max_aspect = 1.0;  // 1: square crops only
   bool random_crop = true;
+  // Streamed data: batches read ahead on a background thread (0: read in the training loop).
+  int64_t prefetch = 2;
   uint64_t seed = 0;
   int64_t batch_size = 32;
   double max_grad_norm = 1.0;  // <= 0: no clipping

@@ -1,11 +1,11 @@
 #include "distill/trainer.h"
 
+#include <signal.h>
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -45,18 +45,32 @@ namespace fs = std::filesystem;
 namespace {
 
 std::atomic<bool> g_interrupted{false};
-extern "C" void on_sigint(int) {
+extern "C" void on_stop_signal(int) {
   g_interrupted = true;
 }
 
-// Installs the SIGINT handler for the lifetime of the object (the previous one is restored).
-class SigintGuard {
+// Turns SIGINT (Ctrl-C) and SIGTERM (what schedulers and the --nproc launcher send before
+// killing) into a request to checkpoint and stop, for the lifetime of the object (the previous
+// handlers are restored).
+class StopSignalGuard {
  public:
-  SigintGuard() { previous_ = std::signal(SIGINT, on_sigint); }
-  ~SigintGuard() { std::signal(SIGINT, previous_); }
+  StopSignalGuard() {
+    struct sigaction action {};
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, &previous_int_);
+    sigaction(SIGTERM, &action, &previous_term_);
+  }
+  ~StopSignalGuard() {
+    sigaction(SIGINT, &previous_int_, nullptr);
+    sigaction(SIGTERM, &previous_term_, nullptr);
+  }
+  StopSignalGuard(const StopSignalGuard&) = delete;
+  StopSignalGuard& operator=(const StopSignalGuard&) = delete;
 
  private:
-  void (*previous_)(int) = SIG_DFL;
+  struct sigaction previous_int_ {
+  }, previous_term_{};
 };
 
 // Where the global iteration g falls: stage, phase, iteration within the phase.
@@ -308,6 +322,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   // Streamed data: each rank reads its own shards into batches of b from one bucket.
   std::optional<data::SampleStream> stream;
   std::optional<data::BucketBatcher> batcher;
+  std::optional<data::BatchPrefetcher> prefetcher;  // reads ahead from `batcher`
   if (streamed) {
     auto source = recipe.source;
     int64_t resolution = recipe.resolution > 0 ? recipe.resolution : teacher.sample_size();
@@ -336,12 +351,13 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
              saved.size(), saved.size());
       batcher->restore(saved.at(static_cast<size_t>(group.rank())));
     }
+    prefetcher.emplace(*batcher, recipe.prefetch);
     spdlog::info("data: {} shard(s), {} bucket(s) of about {}x{} pixels, batches of {} per rank",
                  stream->num_shards(), batching.buckets.size(),
                  batching.buckets[batching.buckets.size() / 2].height,
                  batching.buckets[batching.buckets.size() / 2].width, b);
   }
-  SigintGuard sigint;
+  StopSignalGuard stop_signals;
   g_interrupted = false;
   std::optional<ProgressBar> bar;  // rank 0's
   if (main_rank) bar.emplace("distill", total, "it", g);
@@ -378,20 +394,26 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     bool shares_teacher = sharing;
     student->gradient_checkpointing = recipe.gradient_checkpointing;
     student->train();
+    // The discriminator, in stages with adversarial phases only (for SDXL 1.3 B parameters that
+    // an MSE stage need not hold).
     torch::manual_seed(train::mix_seed(recipe.seed, 11, s));
-    models::Discriminator disc(teacher.unet->config, stage.head);
-    disc->init_backbone_from(teacher.unet);
-    disc->backbone->gradient_checkpointing = recipe.gradient_checkpointing;
-    disc->to(device);
-    disc->train();
+    models::Discriminator disc{nullptr};
+    if (std::any_of(phases.begin(), phases.end(), [](const Phase& p) { return p.adversarial(); })) {
+      disc = models::Discriminator(teacher.unet->config, stage.head);
+      disc->init_backbone_from(teacher.unet);
+      disc->backbone->gradient_checkpointing = recipe.gradient_checkpointing;
+      disc->to(device);
+      disc->train();
+    }
     bool lora_attached = false;
     if (resuming_here && g > stage_start(recipe, s)) {
       // A sharing student's base weights are the teacher's (frozen since the stage began).
       if (!sharing)
         train::load_trainable_weights(*student, (checkpoint_dir / "student.safetensors").string(),
                                       device);
-      train::load_trainable_weights(*disc, (checkpoint_dir / "discriminator.safetensors").string(),
-                                    device);
+      if (disc)
+        train::load_trainable_weights(
+            *disc, (checkpoint_dir / "discriminator.safetensors").string(), device);
       if (fs::exists(checkpoint_dir / "lora.safetensors")) {
         models::attach_lora(*student,
                             {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
@@ -481,6 +503,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       const int64_t phase_start_g =
           g - ((s == start.stage && p == start.phase) ? start.iteration : 0);
       const int64_t i0 = g - phase_start_g;
+      reset_peak_memory(device);  // the metrics' peak is the phase's
       // LoRA on or off for this phase.
       if (phase.lora) {  // the base weights are frozen under a LoRA
         for (auto& q : student->parameters())
@@ -503,7 +526,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
       const auto student_named =
           phase.lora ? models::lora_parameters(*student) : train::named_params(*student, "");
       const auto student_params = values(student_named);
-      const auto disc_named = train::named_params(*disc, "");
+      const auto disc_named = disc ? train::named_params(*disc, "")
+                                   : std::vector<std::pair<std::string, torch::Tensor>>{};
       const auto disc_params = values(disc_named);
       {  // identical starting points on every rank (they are already, by construction)
         auto all = student_params;
@@ -560,7 +584,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         nlohmann::json data_state;
         if (batcher) {
           data_state = nlohmann::json::array();
-          for (const auto& r : group.all_gather("data position", batcher->state().dump()))
+          for (const auto& r : group.all_gather("data position", prefetcher->state().dump()))
             data_state.push_back(nlohmann::json::parse(r));
         }
         const auto g_state = g_shards ? g_shards->gather_state(g_opt, student_named, group)
@@ -571,7 +595,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         io::write_directory_atomic(checkpoint_dir.string(), [&](const std::string& tmp) {
           // Base weights (adapters are not part of the state dict) and adapters separately.
           io::save_weights(*student, tmp + "/student.safetensors");
-          io::save_weights(*disc, tmp + "/discriminator.safetensors");
+          if (disc) io::save_weights(*disc, tmp + "/discriminator.safetensors");
           if (lora_attached) {
             std::vector<std::pair<std::string, torch::Tensor>> lora;
             for (auto& [name, t] : models::lora_parameters(*student))
@@ -621,7 +645,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         torch::Tensor x0;
         Conditioning context;
         if (streamed) {
-          auto batch = batcher->next();
+          auto batch = prefetcher->next();
           torch::NoGradGuard no_grad;
           if (batch.cached) {
             x0 = batch.pixels.to(device);
@@ -820,16 +844,13 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
               {"iteration", i + 1},
               {"lr", lr},
               {"images_per_s", interval.count * B / std::max(secs, 1e-9)},
-              // This process's peak so far: the GPU allocator's, else RSS.
-              {"peak_memory_gb", (device.is_cuda() ? cuda_peak_allocated_bytes(
-                                                         device.index() < 0 ? 0 : device.index())
-                                                   : peak_rss_bytes()) /
-                                     1e9},
+              // This process's peak since the phase began: the GPU allocator's, else RSS.
+              {"peak_memory_gb", peak_memory_bytes(device) / 1e9},
               {"elapsed_s", elapsed_before + elapsed_s()}};
           if (group.size() > 1) line["ranks"] = group.size();
           if (stream) {  // rank 0's stream (the others' skips are in their logs)
-            line["data_epoch"] = stream->position().epoch;
-            line["data_skipped"] = stream->stats().skipped;
+            line["data_epoch"] = prefetcher->state().at("stream").at("epoch");
+            line["data_skipped"] = prefetcher->state().at("skipped");
           }
           if (adversarial) line["lr_d"] = stage.discriminator_learning_rate;
           for (const auto& [k, v] : interval.sums)
@@ -853,7 +874,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           spdlog::info("distill: stage {} ({}) done: {}", s + 1, stage.name,
                        (stage_dir / "model").string());
         }
-        if (g % recipe.checkpoint_every == 0 || g == stop || stage_done || interrupted)
+        if (options.checkpoints &&
+            (g % recipe.checkpoint_every == 0 || g == stop || stage_done || interrupted))
           write_checkpoint(g);
         if (interrupted) {
           if (bar) bar->finish();

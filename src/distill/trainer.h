@@ -48,17 +48,20 @@ struct DistillOptions {
   // Where the networks train (`--device`); data, noise and timesteps are drawn on the CPU (the
   // same numbers on any device) and moved. Several ranks need the CPU (Gloo).
   torch::Device device = torch::kCPU;
+  // false: no checkpoint/ is written (the dry-run benchmark, whose SDXL checkpoints would be
+  // tens of GB); such a run cannot be resumed.
+  bool checkpoints = true;
 };
 
 struct DistillResult {
   std::vector<std::string> model_dirs;  // one per finished stage, in order
-  bool interrupted = false;             // stopped by SIGINT (a checkpoint was written)
+  bool interrupted = false;             // stopped by SIGINT or SIGTERM (a checkpoint was written)
   int64_t iterations = 0;               // where training stopped
 };
 
 // Checks the run directory and the recipe against the teacher before any training (usage
-// errors name the flag or key), then trains. SIGINT during training writes a checkpoint and
-// returns with `interrupted`.
+// errors name the flag or key), then trains. SIGINT or SIGTERM during training makes every rank
+// stop at the same iteration: a checkpoint is written and it returns with `interrupted`.
 DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions& options);
 
 }  // namespace lightning::distill
