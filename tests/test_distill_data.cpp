@@ -130,6 +130,7 @@ TEST(DistillData, ShardsInBucketsResumeExactly) {
     const auto m = nlohmann::json::parse(line);
     skipped = std::max<int64_t>(skipped, m.at("data_skipped").get<int64_t>());
     EXPECT_TRUE(std::isfinite(m.value("loss_mse", 0.0)));
+    EXPECT_GE(m.at("data_wait_s").get<double>(), 0.0);  // waiting on the reader thread
   }
   EXPECT_EQ(lines, 10);
   EXPECT_GE(skipped, 2);  // the corrupt image and the Latin-1 caption (once per epoch)

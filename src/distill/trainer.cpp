@@ -644,8 +644,12 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
             train::torch_generator(train::mix_seed(recipe.seed, 2, static_cast<uint64_t>(g)));
         torch::Tensor x0;
         Conditioning context;
+        double data_wait_s = 0;  // streamed data: blocked waiting for the reader thread
         if (streamed) {
+          const auto wait_start = std::chrono::steady_clock::now();
           auto batch = prefetcher->next();
+          data_wait_s =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
           torch::NoGradGuard no_grad;
           if (batch.cached) {
             x0 = batch.pixels.to(device);
@@ -695,6 +699,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         const auto teacher_denoiser = guided(teacher_fn, context, uncond, stage.teacher_guidance);
 
         std::map<std::string, double> m;
+        if (streamed) m["data_wait_s"] = data_wait_s;
         if (phase.objective == Objective::kX0Warmup) {
           torch::Tensor target_x0;
           {
