@@ -55,6 +55,19 @@ void write_shard(const std::string& path, int64_t first, int64_t n, int64_t h = 
   tar.close();
 }
 
+// `shards` shards "<dir>/<prefix>-<i>.tar" of `per_shard` samples each (numbered on across
+// shards), and a data source reading them through a shuffle buffer of `buffer`.
+data::DataSource write_shards(const std::string& dir, const std::string& prefix, int shards,
+                              int64_t per_shard, int64_t buffer, uint64_t seed) {
+  for (int s = 0; s < shards; ++s)
+    write_shard(fmt::format("{}/{}-{}.tar", dir, prefix, s), s * per_shard, per_shard);
+  data::DataSource source;
+  source.shards = fmt::format("{}/{}-{{0..{}}}.tar", dir, prefix, shards - 1);
+  source.shuffle_buffer = buffer;
+  source.seed = seed;
+  return source;
+}
+
 TEST(Braces, ExpandsRangesAndAlternatives) {
   EXPECT_THAT(data::expand_braces("d/a-{000..003}.tar"),
               ElementsAre("d/a-000.tar", "d/a-001.tar", "d/a-002.tar", "d/a-003.tar"));
@@ -273,12 +286,7 @@ TEST(ImageFolder, CaptionFilesAndShards) {
 
 TEST(SampleStream, RanksShareEachEpochAndTheBufferShuffles) {
   const auto dir = test::temp_dir();
-  for (int s = 0; s < 4; ++s)
-    write_shard(fmt::format("{}/s-{}.tar", dir, s), s * 10, 10);
-  data::DataSource source;
-  source.shards = dir + "/s-{0..3}.tar";
-  source.shuffle_buffer = 8;
-  source.seed = 5;
+  const auto source = write_shards(dir, "s", 4, 10, /*buffer=*/8, /*seed=*/5);
   auto epoch_of = [&](int rank, int world) {
     data::SampleStream stream(source, rank, world);
     std::vector<std::string> out;
@@ -340,12 +348,7 @@ TEST(Buckets, SdxlListAndFitting) {
 TEST(BucketBatcher, BatchesOneBucketAndResumesExactly) {
   const auto dir = test::temp_dir();
   // Images of three aspect ratios (h = 16, 24, 32 for w = 16) in 3 shards of 7.
-  for (int s = 0; s < 3; ++s)
-    write_shard(fmt::format("{}/b-{}.tar", dir, s), s * 7, 7);
-  data::DataSource source;
-  source.shards = dir + "/b-{0..2}.tar";
-  source.shuffle_buffer = 5;
-  source.seed = 11;
+  const auto source = write_shards(dir, "b", 3, 7, /*buffer=*/5, /*seed=*/11);
   data::BatcherOptions options;
   options.batch_size = 3;
   options.channels = 1;
@@ -389,11 +392,7 @@ TEST(BucketBatcher, BatchesOneBucketAndResumesExactly) {
 
 TEST(BatchPrefetcher, TheBatcherBatchesAndStateAndItsErrorsInTurn) {
   const auto dir = test::temp_dir();
-  for (int s = 0; s < 3; ++s)
-    write_shard(fmt::format("{}/p-{}.tar", dir, s), s * 7, 7);
-  data::DataSource source;
-  source.shards = dir + "/p-{0..2}.tar";
-  source.shuffle_buffer = 5;
+  const auto source = write_shards(dir, "p", 3, 7, /*buffer=*/5, /*seed=*/0);
   data::BatcherOptions options;
   options.batch_size = 2;
   options.channels = 3;

@@ -57,6 +57,7 @@ class StopSignalGuard {
   StopSignalGuard() {
     struct sigaction action {};
     action.sa_handler = on_stop_signal;
+    action.sa_flags = SA_RESTART;  // reads and writes in progress (any thread) carry on
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, &previous_int_);
     sigaction(SIGTERM, &action, &previous_term_);
