@@ -120,10 +120,12 @@ void add_bench_command(CLI::App& app) {
                   "--distill: keep the teacher, data and run here (default: a temporary "
                   "directory, removed)");
   add_threads_option(*cmd, &args->threads);
-  cmd->callback([args] {
+  cmd->callback([args, cmd] {
     const auto& pipeline = args->options.pipeline;
-    if (!pipeline.empty() && !args->options.vae_presets.empty())
-      fail_usage("--pipeline and --vae: choose one benchmark");
+    std::vector<std::string> chosen;  // the benchmarks asked for: one at most
+    for (const char* flag : {"--unet", "--model", "--vae", "--pipeline", "--distill", "--data"})
+      if (cmd->get_option(flag)->count() > 0) chosen.push_back(flag);
+    if (chosen.size() > 1) fail_usage("{} and {}: choose one benchmark", chosen[0], chosen[1]);
     if (!pipeline.empty() && pipeline != "sdxl" && pipeline != "tiny-sdxl" &&
         !std::filesystem::exists(pipeline))
       fail_usage("--pipeline {}: not a preset (sdxl, tiny-sdxl), model directory or file",
@@ -151,8 +153,6 @@ void add_bench_command(CLI::App& app) {
     }
     if (!args->distill.teacher.empty()) {
       auto d = args->distill;
-      if (!args->options.pipeline.empty() || !args->options.vae_presets.empty())
-        fail_usage("--distill with --pipeline or --vae: choose one benchmark");
       if (args->options.images.size() > 1)
         fail_usage("--distill: give one --image size, not {}", args->options.images.size());
       if (!args->options.images.empty()) d.resolution = args->options.images[0];

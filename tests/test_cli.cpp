@@ -60,6 +60,8 @@ TEST(Cli, BenchDataReadsBatches) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("| synthetic | 64 | 2 | 6 | "));
   EXPECT_THAT(r.output, HasSubstr("(0 skipped)"));
+  expect_one_line_error(test::run_lightning("bench --data synthetic --distill tiny-sdxl"), 2,
+                        "--distill and --data: choose one benchmark");
   r = test::run_lightning("bench --data /nonexistent/x-{0..1}.tar");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_THAT(r.output, HasSubstr("lightning: /nonexistent/x-0.tar: shard not found"));

@@ -163,14 +163,15 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::s
       }
     if (rank < 0) continue;
     --running;
-    const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    if (!ok && result == 0) {
-      result = exit_code(status);
-      // An interruption (status 130 on every rank) is not a failure of one rank.
-      if (result != 130)
-        spdlog::error("rank {} (pid {}) {}; waiting up to {} s for the other ranks", rank, pid,
-                      describe(status),
-                      std::chrono::duration_cast<std::chrono::seconds>(grace).count());
+    const int code = exit_code(status);
+    // An interruption (status 130 on every rank, rank 0 last: it writes the checkpoint) is not a
+    // failure: the others are waited for without a time limit.
+    if (code == 130 && result == 0) result = 130;
+    if (code != 0 && code != 130 && (result == 0 || result == 130)) {
+      result = code;
+      spdlog::error("rank {} (pid {}) {}; waiting up to {} s for the other ranks", rank, pid,
+                    describe(status),
+                    std::chrono::duration_cast<std::chrono::seconds>(grace).count());
       failed_at = std::chrono::steady_clock::now();
     }
   }

@@ -12,7 +12,8 @@ namespace lightning::dist {
 // program name), rank i getting RANK=LOCAL_RANK=i, WORLD_SIZE=nproc, MASTER_ADDR=127.0.0.1 and
 // MASTER_PORT (from the environment, else a free port). Waits for all of them. When a rank
 // fails, the others get `grace` to notice and exit, then get SIGTERM (and SIGCONT, for a
-// stopped one), and SIGKILL 10 s later. SIGINT and SIGTERM are passed on to every rank. Returns 0,
+// stopped one), and SIGKILL 10 s later. SIGINT and SIGTERM are passed on to every rank; ranks
+// that exit with 130 (interrupted, after a checkpoint) are not failures and start no timer. Returns 0,
 // or the exit status of the first rank that failed (128 + signal for a signal), after one line
 // naming it.
 int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::seconds grace);

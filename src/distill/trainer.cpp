@@ -358,8 +358,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                  batching.buckets[batching.buckets.size() / 2].height,
                  batching.buckets[batching.buckets.size() / 2].width, b);
   }
+  g_interrupted = false;  // before the handlers: a signal from now on is kept
   StopSignalGuard stop_signals;
-  g_interrupted = false;
   std::optional<ProgressBar> bar;  // rank 0's
   if (main_rank) bar.emplace("distill", total, "it", g);
   const auto t0 = std::chrono::steady_clock::now();
@@ -885,9 +885,13 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
           write_checkpoint(g);
         if (interrupted) {
           if (bar) bar->finish();
-          spdlog::warn(
-              "distill: interrupted at iteration {}; checkpoint written (continue with --resume)",
-              g);
+          if (options.checkpoints)
+            spdlog::warn(
+                "distill: interrupted at iteration {}; checkpoint written (continue with --resume)",
+                g);
+          else
+            spdlog::warn(
+                "distill: interrupted at iteration {} (no checkpoint: checkpoints are off)", g);
           result.interrupted = true;
           result.iterations = g;
           return result;

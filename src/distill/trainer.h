@@ -55,8 +55,9 @@ struct DistillOptions {
 
 struct DistillResult {
   std::vector<std::string> model_dirs;  // one per finished stage, in order
-  bool interrupted = false;             // stopped by SIGINT or SIGTERM (a checkpoint was written)
-  int64_t iterations = 0;               // where training stopped
+  bool interrupted =
+      false;               // stopped by SIGINT or SIGTERM (after a checkpoint, unless they are off)
+  int64_t iterations = 0;  // where training stopped
 };
 
 // Checks the run directory and the recipe against the teacher before any training (usage
