@@ -92,6 +92,16 @@ std::vector<DistillBenchRow> run_distill_bench(
   const int64_t resolution =
       options.resolution > 0 ? options.resolution : (options.teacher == "sdxl" ? 256 : 64);
 
+  if (preset) {  // refuse at once what cannot fit, from the shapes alone
+    const auto shapes = random_pipeline(options.teacher, {torch::kFloat32, torch::kCPU, "", {}},
+                                        /*vae_upcast=*/true, options.vocab, /*initialise=*/false);
+    const auto memory = distill::check_phase_memory(recipe, shapes, torch::Device(options.device));
+    if (memory.exceeds())
+      fail("bench --distill {}: {}; run it on a bigger machine (docs/benchmarks.md)",
+           options.teacher, memory.describe());
+    progress("largest phase: " + memory.describe());
+  }
+
   RemoveOnExit temporary;
   const std::string work = work_directory(options.work_dir, "distill", &temporary);
   std::error_code ec;

@@ -318,7 +318,7 @@ double count_params(torch::nn::Module& module) {
 
 generate::TextToImageModel random_pipeline(const std::string& preset,
                                            const models::ModelLoadOptions& load, bool vae_upcast,
-                                           const std::string& vocab) {
+                                           const std::string& vocab, bool initialise) {
   using namespace models;
   UNetConfig unet_config;
   CLIPTextConfig te1 = CLIPTextConfig::sdxl_clip_l(), te2 = CLIPTextConfig::sdxl_clip_g();
@@ -353,6 +353,7 @@ generate::TextToImageModel random_pipeline(const std::string& preset,
   const auto held = load.weights().dtype;
   const auto device = load.device;
   const bool upcast = load.dtype == torch::kFloat16 && vae_config.force_upcast;
+  if (!initialise) return model;
   randomise(*model.unet, held, device);
   randomise(*model.text_encoder, held, device);
   randomise(*model.text_encoder_2, held, device);

@@ -49,9 +49,11 @@ struct UNetBenchOptions {
 // OpenCLIP-bigG, the 84M VAE) or a tiny one of the same structure ("tiny-sdxl"), its weights
 // held as `load` says, with the CLIP vocabulary at `vocab`; `vae_upcast` keeps SDXL's
 // force_upcast.
+// `initialise` false leaves the weights uninitialised (float32, never written: not resident),
+// for what only needs the shapes.
 generate::TextToImageModel random_pipeline(const std::string& preset,
                                            const models::ModelLoadOptions& load, bool vae_upcast,
-                                           const std::string& vocab);
+                                           const std::string& vocab, bool initialise = true);
 
 // Writes a random-weight UNet of `preset` as a diffusers model directory with weights stored in
 // `weights_dtype` (f32, f16, bf16), for load benchmarks (e.g. a full-size SDXL UNet).

@@ -12,13 +12,16 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/system.h"
 #include "data/shards.h"
 #include "distill/recipe.h"
 #include "distill/trainer.h"
 #include "generate/pipeline.h"
 #include "io/image_codecs.h"
 #include "io/safetensors.h"
+#include "models/discriminator.h"
 #include "models/lora.h"
+#include "models/model_loader.h"
 #include "models/unet.h"
 #include "nn/autocast.h"
 #include "tests/test_util.h"
@@ -407,6 +410,68 @@ TEST(SdxlLightningRecipe, BenchDryRunsEveryPhase) {
   EXPECT_NE(bad.output.find("--distill sd3: not a preset (sdxl, tiny-sdxl) or a model directory"),
             std::string::npos)
       << bad.output;
+}
+
+// The memory estimate per phase: exact against the models' own counts on the tiny pipeline, and
+// the table of docs/benchmarks.md for SDXL's shapes (uninitialised: nothing becomes resident).
+TEST(SdxlLightningRecipe, MemoryEstimateOfEachPhase) {
+  const auto recipe =
+      distill::DistillRecipe::load(test::source_path("recipes/sdxl-lightning.toml"));
+  auto count = [](torch::nn::Module& m) {
+    double n = 0;
+    for (const auto& p : m.parameters())
+      n += static_cast<double>(p.numel());
+    return n;
+  };
+  {
+    auto tiny =
+        generate::load_model(test::source_path("tests/fixtures/sdxl/tiny-sdxl-pipeline"), {});
+    const auto phases = distill::estimate_phase_memory(recipe, tiny);
+    ASSERT_EQ(phases.size(), 14u);
+    const double frozen = 4 * (count(*tiny.unet) + count(*tiny.text_encoder) +
+                               count(*tiny.text_encoder_2) + count(*tiny.vae));
+    const auto& stage = recipe.stages[1];
+    models::Discriminator disc(tiny.unet->config, stage.head);
+    auto student = models::UNet2DConditionModel(
+        std::dynamic_pointer_cast<models::UNet2DConditionModelImpl>(tiny.unet->clone()));
+    models::attach_lora(*student,
+                        {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
+    double lora = 0;
+    for (const auto& [name, t] : models::lora_parameters(*student))
+      lora += static_cast<double>(t.numel());
+    EXPECT_EQ(phases[0].phase, "mse");
+    EXPECT_DOUBLE_EQ(phases[0].bytes, frozen + 16 * count(*tiny.unet));
+    EXPECT_EQ(phases[1].phase, "conditional");
+    EXPECT_DOUBLE_EQ(phases[1].bytes, frozen + 16 * lora + 16 * count(*disc));
+    EXPECT_EQ(phases[3].phase, "full");
+    EXPECT_DOUBLE_EQ(phases[3].bytes, frozen + 16 * count(*tiny.unet) + 16 * count(*disc));
+    EXPECT_EQ(phases[10].phase, "x0_warmup");
+    EXPECT_DOUBLE_EQ(phases[10].bytes, frozen + 16 * lora + 4 * count(*disc));
+  }
+  // SDXL: docs/benchmarks.md's table (GB, weights and optimiser state before activations).
+  generate::TextToImageModel sdxl;
+  sdxl.unet = models::make_unet_uninitialised(models::UNetConfig::sdxl());
+  sdxl.text_encoder = models::make_clip_text_uninitialised(models::CLIPTextConfig::sdxl_clip_l());
+  sdxl.text_encoder_2 = models::make_clip_text_uninitialised(models::CLIPTextConfig::sdxl_clip_g());
+  sdxl.vae = models::make_vae_uninitialised(models::VAEConfig::sdxl());
+  const auto phases = distill::estimate_phase_memory(recipe, sdxl);
+  ASSERT_EQ(phases.size(), 14u);
+  EXPECT_NEAR(phases[0].bytes / 1e9, 55.0, 0.1);   // stage 1 mse
+  EXPECT_NEAR(phases[1].bytes / 1e9, 37.9, 0.1);   // stage 2 conditional (LoRA)
+  EXPECT_NEAR(phases[3].bytes / 1e9, 75.9, 0.1);   // stage 2 full
+  EXPECT_NEAR(phases[10].bytes / 1e9, 22.2, 0.1);  // stage 5 x0_warmup
+}
+
+TEST(SdxlLightningRecipe, BenchRefusesAFullSizeDryRunThatDoesNotFit) {
+  if (total_memory_bytes() > 76e9) GTEST_SKIP() << "this machine could hold the dry run";
+  const auto run = test::run_lightning("bench --distill sdxl --recipe " +
+                                       test::source_path("recipes/sdxl-lightning.toml"));
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_NE(run.output.find("bench --distill sdxl: stage 2 (32-to-8) full holds about 75.9 GB of "
+                            "weights and optimiser state before activations, more than this "
+                            "machine's"),
+            std::string::npos)
+      << run.output;
 }
 
 TEST(MixedPrecision, Bf16AutocastTrainsCloseToFloat32) {

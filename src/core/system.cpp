@@ -53,14 +53,18 @@ void tune_allocator() {
 }
 
 namespace {
-int64_t status_kib(const char* field) {
-  std::ifstream in("/proc/self/status");
+// A "Field:  123 kB" line of a /proc file, in KiB; 0 when absent.
+int64_t proc_kib(const char* file, const char* field) {
+  std::ifstream in(file);
   std::string line;
   const std::string prefix = std::string(field) + ":";
   while (std::getline(in, line)) {
     if (line.compare(0, prefix.size(), prefix) == 0) return std::stoll(line.substr(prefix.size()));
   }
   return 0;
+}
+int64_t status_kib(const char* field) {
+  return proc_kib("/proc/self/status", field);
 }
 }  // namespace
 
@@ -69,6 +73,9 @@ int64_t current_rss_bytes() {
 }
 int64_t peak_rss_bytes() {
   return status_kib("VmHWM") * 1024;
+}
+int64_t total_memory_bytes() {
+  return proc_kib("/proc/meminfo", "MemTotal") * 1024;
 }
 
 bool reset_peak_rss() {

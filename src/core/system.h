@@ -28,6 +28,8 @@ void tune_allocator();
 
 // Resident set size now and its high-water mark, in bytes (/proc/self/status VmRSS, VmHWM).
 int64_t current_rss_bytes();
+// The machine's memory (/proc/meminfo MemTotal), in bytes; 0 where unknown.
+int64_t total_memory_bytes();
 int64_t peak_rss_bytes();
 
 // Resets the high-water mark to the current RSS (writes 5 to /proc/self/clear_refs).

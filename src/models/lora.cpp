@@ -76,15 +76,32 @@ bool path_matches(const std::string& path, const std::string& entry) {
   return path == entry || starts_with(path, entry + ".");
 }
 
+namespace {
+
+bool excluded(const LayerRef& layer, const LoRAConfig& config) {
+  return std::any_of(config.exclude.begin(), config.exclude.end(),
+                     [&](const std::string& e) { return path_matches(layer.path, e); });
+}
+
+}  // namespace
+
+int64_t count_lora_parameters(torch::nn::Module& module, const LoRAConfig& config) {
+  int64_t n = 0;
+  for (auto& layer : linear_and_conv_layers(module)) {
+    if (excluded(layer, config)) continue;
+    const int64_t k = layer.linear ? 1 : layer.conv->kernel_size;
+    n += config.rank * (layer.in_features() * k * k + layer.out_features());
+  }
+  return n;
+}
+
 size_t attach_lora(torch::nn::Module& module, const LoRAConfig& config) {
   if (config.rank < 1) fail("LoRA rank must be >= 1, got {}", config.rank);
   if (!(config.alpha > 0)) fail("LoRA alpha must be > 0, got {}", config.alpha);
   torch::NoGradGuard no_grad;
   size_t count = 0;
   for (auto& layer : linear_and_conv_layers(module)) {
-    bool excluded = std::any_of(config.exclude.begin(), config.exclude.end(),
-                                [&](const std::string& e) { return path_matches(layer.path, e); });
-    if (excluded) continue;
+    if (excluded(layer, config)) continue;
     const auto& w = layer.weight();
     auto options = w.options();
     auto adapter = std::make_shared<nn::LowRankAdapter>();

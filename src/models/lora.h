@@ -68,6 +68,9 @@ std::vector<std::pair<std::string, torch::Tensor>> lora_parameters(torch::nn::Mo
 // Number of layers with an adapter.
 size_t count_lora(torch::nn::Module& module);
 
+// The number of parameters attach_lora(module, config) would add, without attaching.
+int64_t count_lora_parameters(torch::nn::Module& module, const LoRAConfig& config);
+
 // Folds every adapter into its layer's weight (W += scale * up @ down, computed in float32) and
 // removes it. Afterwards the module computes what it computed with the adapters attached.
 void merge_lora(torch::nn::Module& module);
