@@ -133,12 +133,16 @@ void add_bench_command(CLI::App& app) {
     set_threads(args->threads);
     spdlog::info("bench: {} threads", at::get_num_threads());
     const auto progress = [](const std::string& line) { spdlog::info("{}", line); };
+    // --data and --distill take one --image size (else their default).
+    auto one_image = [&](const char* bench, int64_t fallback) {
+      const auto& images = args->options.images;
+      if (images.size() > 1) fail_usage("{}: give one --image size, not {}", bench, images.size());
+      return images.empty() ? fallback : images[0];
+    };
     if (!args->data.empty()) {
       bench::DataBenchOptions data;
       data.shards = args->data;
-      if (args->options.images.size() > 1)
-        fail_usage("--data: give one --image size, not {}", args->options.images.size());
-      if (!args->options.images.empty()) data.resolution = args->options.images[0];
+      data.resolution = one_image("--data", data.resolution);
       data.batch = args->options.batch;
       data.warmup = args->options.warmup;
       data.batches = args->options.repeat;
@@ -153,9 +157,7 @@ void add_bench_command(CLI::App& app) {
     }
     if (!args->distill.teacher.empty()) {
       auto d = args->distill;
-      if (args->options.images.size() > 1)
-        fail_usage("--distill: give one --image size, not {}", args->options.images.size());
-      if (!args->options.images.empty()) d.resolution = args->options.images[0];
+      d.resolution = one_image("--distill", d.resolution);
       if (d.recipe.empty()) d.recipe = shipped_recipe("sdxl-lightning.toml");
       d.batch = args->options.batch;
       d.device = parse_device(args->options.device).str();

@@ -18,6 +18,7 @@
 #include "data/buckets.h"
 #include "data/shards.h"
 #include "data/stream.h"
+#include "distill/memory.h"
 #include "distill/recipe.h"
 #include "distill/trainer.h"
 #include "io/image_codecs.h"

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/system.h"
 #include "data/shards.h"
+#include "distill/memory.h"
 #include "distill/recipe.h"
 #include "distill/trainer.h"
 #include "generate/pipeline.h"

@@ -1,6 +1,7 @@
 #include "distill/recipe.h"
 
 #include <fmt/format.h>
+#include <algorithm>
 
 #include "core/error.h"
 #include "data/fashion_mnist.h"
@@ -172,6 +173,11 @@ std::string to_string(Objective objective) {
       return "unconditional";
   }
   return "?";
+}
+
+bool StageRecipe::has_adversarial_phase() const {
+  const auto all = phases();
+  return std::any_of(all.begin(), all.end(), [](const Phase& p) { return p.adversarial(); });
 }
 
 std::vector<Phase> StageRecipe::phases() const {

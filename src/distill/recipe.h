@@ -100,6 +100,8 @@ struct StageRecipe {
 
   int64_t n() const { return teacher_steps / student_steps; }
   std::vector<Phase> phases() const;
+  // Whether a phase is adversarial (the stage then needs a discriminator).
+  bool has_adversarial_phase() const;
   int64_t total_iterations() const;
 };
 

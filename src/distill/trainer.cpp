@@ -26,6 +26,7 @@
 #include "diffusion/noise_schedule.h"
 #include "diffusion/parameterization.h"
 #include "dist/group.h"
+#include "distill/memory.h"
 #include "distill/objectives.h"
 #include "generate/pipeline.h"
 #include "io/files.h"
@@ -165,83 +166,6 @@ struct Interval {
 };
 
 }  // namespace
-
-std::vector<PhaseMemory> estimate_phase_memory(const DistillRecipe& recipe,
-                                               const generate::TextToImageModel& teacher) {
-  // Bytes and parameters of a module; `encoder_only`: without a UNet's up path (what the
-  // discriminator's backbone copies).
-  auto size_of = [](const torch::nn::Module& module, bool encoder_only = false) {
-    double bytes = 0, params = 0;
-    for (const auto& item : module.named_parameters(true)) {
-      const auto& name = item.key();
-      const auto& p = item.value();
-      if (encoder_only && (name.rfind("up_blocks.", 0) == 0 ||
-                           name.rfind("conv_norm_out.", 0) == 0 || name.rfind("conv_out.", 0) == 0))
-        continue;
-      bytes += static_cast<double>(p.numel() * p.element_size());
-      params += static_cast<double>(p.numel());
-    }
-    return std::pair{bytes, params};
-  };
-  const auto [unet_bytes, unet_params] = size_of(*teacher.unet);
-  const double backbone_params = size_of(*teacher.unet, /*encoder_only=*/true).second;
-  double other = 0;  // text encoders and VAE, frozen (a pixel model has no VAE or second encoder)
-  auto add_frozen = [&](const auto& holder) {
-    if (!holder.is_empty()) other += size_of(*holder).first;
-  };
-  add_frozen(teacher.text_encoder);
-  add_frozen(teacher.text_encoder_2);
-  add_frozen(teacher.vae);
-  constexpr double kTrained = 16, kFloat = 4;
-  const int64_t channels = teacher.unet->config.block_out_channels.back();
-  std::vector<PhaseMemory> out;
-  for (size_t s = 0; s < recipe.stages.size(); ++s) {
-    const auto& stage = recipe.stages[s];
-    const auto phases = stage.phases();
-    double disc_params = 0;
-    if (std::any_of(phases.begin(), phases.end(), [](const Phase& p) { return p.adversarial(); })) {
-      torch::NoGradGuard no_grad;
-      disc_params = backbone_params;
-      for (const int64_t in : {2 * channels, channels})
-        for (const auto& p : models::DiscriminatorHead(in, stage.head)->parameters())
-          disc_params += static_cast<double>(p.numel());
-    }
-    double lora_params = 0;
-    if (stage.lora_rank > 0)
-      lora_params = static_cast<double>(models::count_lora_parameters(
-          *teacher.unet.ptr(), {stage.lora_rank, stage.lora_alpha > 0 ? stage.lora_alpha : 1.0,
-                                models::LoRAConfig{}.exclude}));
-    for (const auto& phase : phases) {
-      double bytes = unet_bytes + other;                              // the teacher
-      const double student = phase.lora ? lora_params : unet_params;  // what the student trains
-      bytes += student * (phase.train_generator ? kTrained : kFloat);
-      bytes += disc_params * (phase.adversarial() ? kTrained : kFloat);
-      out.push_back({s, phase.name, bytes});
-    }
-  }
-  return out;
-}
-
-MemoryCheck check_phase_memory(const DistillRecipe& recipe,
-                               const generate::TextToImageModel& teacher,
-                               const torch::Device& device) {
-  MemoryCheck check;
-  for (const auto& phase : estimate_phase_memory(recipe, teacher))
-    if (phase.bytes > check.largest.bytes) check.largest = phase;
-  if (!recipe.stages.empty()) check.stage_name = recipe.stages[check.largest.stage].name;
-  if (device.is_cpu()) check.available = static_cast<double>(total_memory_bytes());
-  return check;
-}
-
-std::string MemoryCheck::describe() const {
-  auto text = fmt::format(
-      "stage {} ({}) {} holds about {:.{}f} GB of weights and optimiser state before activations",
-      largest.stage + 1, stage_name, largest.phase, largest.bytes / 1e9,
-      largest.bytes >= 10e9 ? 1 : 2);
-  if (exceeds())
-    text += fmt::format(", more than this machine's {:.1f} GB of memory", available / 1e9);
-  return text;
-}
 
 DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions& options) {
   const dist::Group single;
@@ -483,7 +407,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     // an MSE stage need not hold).
     torch::manual_seed(train::mix_seed(recipe.seed, 11, s));
     models::Discriminator disc{nullptr};
-    if (std::any_of(phases.begin(), phases.end(), [](const Phase& p) { return p.adversarial(); })) {
+    if (stage.has_adversarial_phase()) {
       disc = models::Discriminator(teacher.unet->config, stage.head);
       disc->init_backbone_from(teacher.unet);
       disc->backbone->gradient_checkpointing = recipe.gradient_checkpointing;
