@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <torch/cuda.h>
+
 #include "app/commands.h"
 #include "app/device.h"
 #include "core/error.h"
@@ -56,8 +58,9 @@ void add_distill_command(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   add_threads_option(*cmd, &args->threads);
   cmd->add_option("--device", args->device,
-                  "cpu or cuda[:N]: where the networks train (one process; data and noise are "
-                  "drawn on the CPU)")
+                  "cpu or cuda[:N]: where the networks train (data and noise are drawn on the "
+                  "CPU); with several ranks, cuda puts each on its own GPU, cuda:LOCAL_RANK, "
+                  "over NCCL")
       ->capture_default_str();
   cmd->add_option("--nproc", args->nproc,
                   "Data-parallel processes on this machine (the batch is split between them; "
@@ -73,11 +76,25 @@ void add_distill_command(CLI::App& app) {
             ? (std::filesystem::path("runs") / std::filesystem::path(args->recipe).stem()).string()
             : args->out;
     const auto env = dist::launch_env_from_environment();
-    if ((args->nproc > 1 || (env && env->world_size > 1)) && args->device != "cpu")
-      fail_usage(
-          "--device {}: several ranks train on the CPU only (Gloo); NCCL for GPUs is not in "
-          "this build yet",
-          args->device);
+    torch::Device device = parse_device(args->device);
+    // Several ranks on GPUs: one each, cuda:LOCAL_RANK, as under torchrun (NCCL).
+    if ((args->nproc > 1 || (env && env->world_size > 1)) && device.is_cuda()) {
+      if (device.has_index())
+        fail_usage(
+            "--device {}: with several ranks each trains on cuda:LOCAL_RANK; pass --device cuda",
+            args->device);
+      if (!dist::nccl_available())
+        fail_usage(
+            "--device cuda with several ranks needs NCCL, which this build lacks: rebuild with "
+            "scripts/build-cuda.sh where NCCL's nccl.h is installed");
+      const int gpus = static_cast<int>(torch::cuda::device_count());
+      const int local = args->nproc > 1 ? args->nproc - 1 : env->local_rank;
+      if (local >= gpus)
+        fail_usage("{} = {}: this machine has {} CUDA device(s), one per rank",
+                   args->nproc > 1 ? "--nproc" : "LOCAL_RANK",
+                   args->nproc > 1 ? args->nproc : env->local_rank, gpus);
+      if (env) device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local));
+    }
     if (args->nproc > 1) {
       if (env)
         fail_usage(
@@ -95,7 +112,9 @@ void add_distill_command(CLI::App& app) {
                                             "--threads",
                                             std::to_string(threads),
                                             "--dist-timeout",
-                                            std::to_string(args->dist_timeout)};
+                                            std::to_string(args->dist_timeout),
+                                            "--device",
+                                            args->device};
       if (args->resume) rank_args.push_back("--resume");
       if (args->until > 0) {
         rank_args.push_back("--until");
@@ -110,7 +129,7 @@ void add_distill_command(CLI::App& app) {
     dist::Group group;
     if (env && env->world_size > 1) {
       set_log_rank(env->rank);
-      group = dist::Group::connect(*env, std::chrono::seconds(args->dist_timeout));
+      group = dist::Group::connect(*env, std::chrono::seconds(args->dist_timeout), device);
     }
     const auto recipe = distill::DistillRecipe::load(args->recipe);
     distill::DistillOptions options;
@@ -118,7 +137,7 @@ void add_distill_command(CLI::App& app) {
     options.out_dir = out;
     options.models_root = shipped_models_root();
     options.resume = args->resume;
-    options.device = parse_device(args->device);
+    options.device = device;
     if (args->until > 0) options.until = args->until;
     const auto result = distill::run_distillation(recipe, options);
     if (group.is_main())

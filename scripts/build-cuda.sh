@@ -11,8 +11,20 @@ python=${PYTHON:-python3}
 torch_prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 "$python" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' ||
   echo "warning: $python's torch has no CUDA; build-cuda/lightning will run on the CPU only" >&2
+# NCCL's headers for several ranks on GPUs: the nvidia-nccl package beside the wheel, if any
+# (else CMake looks in the system's paths, where libnccl-dev puts them).
+nccl_root=$("$python" - <<'EOF' 2>/dev/null || true
+import importlib.util, pathlib
+spec = importlib.util.find_spec("nvidia")
+for top in (spec.submodule_search_locations if spec else []):
+    for header in sorted(pathlib.Path(top).glob("**/include/nccl.h")):
+        print(header.parent.parent)
+        raise SystemExit
+EOF
+)
 generator=()
 if command -v ninja >/dev/null; then generator=(-G Ninja); fi
 cmake -S . -B build-cuda "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="${torch_prefix}${DEPS_PREFIX:+;$DEPS_PREFIX}" -DLIGHTNING_TESTS=OFF "$@"
+  -DCMAKE_PREFIX_PATH="${torch_prefix}${DEPS_PREFIX:+;$DEPS_PREFIX}" \
+  ${nccl_root:+-DNCCL_ROOT="$nccl_root"} -DLIGHTNING_TESTS=OFF "$@"
 cmake --build build-cuda -j"$(nproc)" --target "${TARGET:-lightning}"

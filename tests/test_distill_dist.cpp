@@ -205,6 +205,22 @@ TEST(Dist, LaunchEnvironmentIsReadAndCheckedNamingTheVariable) {
   single.average_gradients({p});
   EXPECT_TRUE(torch::equal(p.grad(), torch::full({3}, 2.0)));
   EXPECT_EQ(single.sum({1.5, 2}), (std::vector<double>{1.5, 2}));
+  EXPECT_TRUE(single.device().is_cpu());
+
+  // Ranks on GPUs need NCCL: a build without it says so before any rendezvous (rank 0 would
+  // otherwise wait the 60 s for rank 1).
+  if (!dist::nccl_available()) {
+    dist::LaunchEnv gpus;
+    gpus.world_size = 2;
+    gpus.master_port = unused_port();
+    try {
+      dist::Group::connect(gpus, std::chrono::seconds(60), c10::Device(c10::kCUDA, 0));
+      ADD_FAILURE() << "a CUDA group without NCCL";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("rank 0: this build has no NCCL"), std::string::npos)
+          << e.what();
+    }
+  }
 }
 
 // The whole quick recipe (MSE, LoRA and full adversarial phases, the x0 switch, re-noising,

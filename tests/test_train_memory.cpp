@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/system.h"
 #include "data/shards.h"
+#include "dist/group.h"
 #include "distill/memory.h"
 #include "distill/recipe.h"
 #include "distill/trainer.h"
@@ -405,6 +406,9 @@ TEST(SdxlLightningRecipe, BenchDryRunsEveryPhase) {
   EXPECT_TRUE(fs::exists(dir + "/run/stage-5-2-to-1/model/model_index.json"));
   EXPECT_TRUE(fs::exists(dir + "/run/stage-4-4-to-2/lora.safetensors"));
   EXPECT_FALSE(fs::exists(dir + "/run/checkpoint"));
+  // The pipelines the bench wrote went once loaded as teachers (7 GB each at SDXL size).
+  EXPECT_FALSE(fs::exists(dir + "/teacher"));
+  EXPECT_FALSE(fs::exists(dir + "/run/stage-4-4-to-2/model"));
 
   auto bad = test::run_lightning("bench --distill sd3 --recipe " + recipe_path);
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
@@ -464,13 +468,44 @@ TEST(SdxlLightningRecipe, MemoryEstimateOfEachPhase) {
 }
 
 TEST(SdxlLightningRecipe, BenchRefusesAFullSizeDryRunThatDoesNotFit) {
-  if (total_memory_bytes() > 76e9) GTEST_SKIP() << "this machine could hold the dry run";
+  if (total_memory_bytes() + total_swap_bytes() > 76e9)
+    GTEST_SKIP() << "this machine could hold the dry run (in swap, perhaps)";
   const auto run = test::run_lightning("bench --distill sdxl --recipe " +
                                        test::source_path("recipes/sdxl-lightning.toml"));
   EXPECT_EQ(run.exit_code, 1) << run.output;
   EXPECT_NE(run.output.find("bench --distill sdxl: stage 2 (32-to-8) full holds about 75.9 GB of "
                             "weights and optimiser state before activations, more than this "
                             "machine's"),
+            std::string::npos)
+      << run.output;
+}
+
+// Each head block halves the encoder's features: SDXL's encoder quarters the latents, so 3
+// blocks need 8x8 features, 29 latents, 232 pixels. Smaller images are refused before any work
+// (a full-size dry run at 128² used to fail 12 minutes in, at its first adversarial phase).
+TEST(SdxlLightningRecipe, ImagesTooSmallForTheDiscriminatorHeadAreRefusedAtOnce) {
+  const auto sdxl = models::UNetConfig::sdxl();
+  models::DiscriminatorHeadConfig head;
+  head.blocks = 3;
+  EXPECT_EQ(models::smallest_discriminator_input(sdxl, head), 29);
+  head.blocks = 2;
+  EXPECT_EQ(models::smallest_discriminator_input(sdxl, head), 13);
+  head.blocks = 0;
+  EXPECT_EQ(models::smallest_discriminator_input(sdxl, head), 1);
+  // The rule against the head itself: 29 latents pass the encoder's halvings and 3 blocks,
+  // 28 do not (the encoder rounds up: 29 -> 15 -> 8 features; 28 -> 7).
+  head.blocks = 3;
+  head.channels = 8;
+  models::DiscriminatorHead net(4, head);
+  EXPECT_NO_THROW(net->forward(torch::zeros({1, 4, 8, 8})));
+  EXPECT_THROW(net->forward(torch::zeros({1, 4, 7, 7})), Error);
+
+  const auto recipe = test::source_path("recipes/sdxl-lightning.toml");
+  const auto run = test::run_lightning("bench --distill sdxl --image 128 --recipe " + recipe);
+  EXPECT_EQ(run.exit_code, 2) << run.output;
+  EXPECT_NE(run.output.find("sdxl-lightning.toml [[stages]] #2: 128-pixel image sides leave too "
+                            "few features for head_blocks = 3 (each block halves them): use "
+                            "images of at least 232 pixels a side"),
             std::string::npos)
       << run.output;
 }
@@ -547,13 +582,27 @@ learning_rate = 1e-4
 TEST(Cli, DistillDeviceIsCheckedBeforeTraining) {
   const auto recipe = test::source_path("recipes/quick-distill.toml");
   const auto dir = test::temp_dir();
-  // Several ranks train over Gloo, on the CPU.
+  // Several ranks on GPUs need CUDA, NCCL and a GPU each; refused before any rank starts.
   auto ranks = test::run_lightning("distill --recipe " + recipe + " --out " + dir +
                                    "/a --nproc 2 --device cuda");
-  EXPECT_EQ(ranks.exit_code, 2) << ranks.output;
-  EXPECT_NE(ranks.output.find("--device cuda: several ranks train on the CPU only"),
-            std::string::npos)
-      << ranks.output;
+  const char* expected =
+      !torch::cuda::is_available()      ? "--device cuda: this build of libtorch has no CUDA device"
+      : !dist::nccl_available()         ? "--device cuda with several ranks needs NCCL"
+      : torch::cuda::device_count() < 2 ? "--nproc = 2: this machine has 1 CUDA device(s)"
+                                        : nullptr;
+  if (expected) {
+    EXPECT_EQ(ranks.exit_code, 2) << ranks.output;
+    EXPECT_NE(ranks.output.find(expected), std::string::npos) << ranks.output;
+  }
+  if (torch::cuda::is_available()) {  // an explicit GPU does not say which rank gets it
+    auto indexed = test::run_lightning("distill --recipe " + recipe + " --out " + dir +
+                                       "/c --nproc 2 --device cuda:0");
+    EXPECT_EQ(indexed.exit_code, 2) << indexed.output;
+    EXPECT_NE(indexed.output.find("each trains on cuda:LOCAL_RANK; pass --device cuda"),
+              std::string::npos)
+        << indexed.output;
+  }
+  EXPECT_FALSE(fs::exists(dir + "/a/metrics.jsonl")) << ranks.output;
   if (!torch::cuda::is_available()) {  // a CPU build or machine says so, naming the flag
     auto one =
         test::run_lightning("distill --recipe " + recipe + " --out " + dir + "/b --device cuda");

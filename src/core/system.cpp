@@ -78,6 +78,10 @@ int64_t total_memory_bytes() {
   return proc_kib("/proc/meminfo", "MemTotal") * 1024;
 }
 
+int64_t total_swap_bytes() {
+  return proc_kib("/proc/meminfo", "SwapTotal") * 1024;
+}
+
 bool reset_peak_rss() {
   std::ofstream out("/proc/self/clear_refs");
   if (!out) return false;

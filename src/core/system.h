@@ -30,6 +30,8 @@ void tune_allocator();
 int64_t current_rss_bytes();
 // The machine's memory (/proc/meminfo MemTotal), in bytes; 0 where unknown.
 int64_t total_memory_bytes();
+// The machine's swap (/proc/meminfo SwapTotal), in bytes; 0 where there is none.
+int64_t total_swap_bytes();
 int64_t peak_rss_bytes();
 
 // Resets the high-water mark to the current RSS (writes 5 to /proc/self/clear_refs).

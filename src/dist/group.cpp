@@ -16,6 +16,16 @@
 #define LIGHTNING_HAVE_GLOO 1
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
+// NCCL: a CUDA libtorch holds ProcessGroupNCCL; CMake defines LIGHTNING_NCCL where nccl.h is
+// found. Its header, too, hides the class unless USE_C10D_NCCL is defined.
+#ifdef LIGHTNING_NCCL
+#ifndef USE_C10D_NCCL
+#define USE_C10D_NCCL 1
+#endif
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#include <torch/version.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -73,13 +83,18 @@ struct Group::Impl {
   int rank = 0, size = 1;
   std::string where;  // MASTER_ADDR:MASTER_PORT
   std::chrono::milliseconds timeout{0};
+  c10::Device device = c10::kCPU;
   c10::intrusive_ptr<c10d::Store> store;
-#ifdef LIGHTNING_HAVE_GLOO
-  // The concrete class: since libtorch 2.0 it is a c10d::Backend, no longer a ProcessGroup.
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  // Gloo's or NCCL's: since libtorch 2.0 these are c10d::Backends, no longer ProcessGroups.
+#if TORCH_VERSION_MAJOR >= 2
+  c10::intrusive_ptr<c10d::Backend> pg;
 #else
-  c10::intrusive_ptr<c10d::ProcessGroup> pg;  // never set: more than one process needs Gloo
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
 #endif
+#ifdef LIGHTNING_NCCL
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;  // = pg on GPUs
+#endif
+  mutable bool failed = false;  // a collective failed: NCCL's communicators are aborted, not shut
   mutable double waited_s = 0;
   mutable int64_t gathers = 0;  // all_gather calls so far (their store keys)
 
@@ -122,11 +137,33 @@ struct Group::Impl {
       f();
       waited_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     } catch (const c10::Error& e) {
+      failed = true;
       fail("rank {}: {} failed: {} ({})", rank, what, diagnose(),
            first_line(e.what_without_backtrace()));
     } catch (const std::exception& e) {
+      failed = true;
       fail("rank {}: {} failed: {} ({})", rank, what, diagnose(), first_line(e.what()));
     }
+  }
+
+  // `t` as the process group takes it: on its device, contiguous (itself where it already is).
+  at::Tensor on_device(const at::Tensor& t) const {
+    return t.detach().to(device).contiguous();
+  }
+
+  ~Impl() {
+#ifdef LIGHTNING_NCCL
+    // NCCL wants its communicators destroyed before exit; after a failure, aborted (a shutdown
+    // would wait on the peer that stopped).
+    if (nccl) try {
+        if (failed)
+          nccl->abort();
+        else
+          nccl->shutdown();
+      } catch (const std::exception& e) {
+        spdlog::debug("dist: NCCL shutdown: {}", first_line(e.what()));
+      }
+#endif
   }
 };
 
@@ -135,13 +172,45 @@ Group::~Group() = default;
 Group::Group(Group&&) noexcept = default;
 Group& Group::operator=(Group&&) noexcept = default;
 
-Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout) {
+bool gloo_available() {
+#ifdef LIGHTNING_HAVE_GLOO
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool nccl_available() {
+#ifdef LIGHTNING_NCCL
+  return true;
+#else
+  return false;
+#endif
+}
+
+Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout,
+                     const c10::Device& device) {
   Group group;
   auto& d = *group.impl_;
   d.rank = env.rank;
   d.size = env.world_size;
   d.timeout = timeout;
+  d.device = device;
   if (env.world_size == 1) return group;
+  // A build without the process group this device needs fails before any rank waits for it.
+  if (device.is_cpu() && !gloo_available())
+    fail(
+        "rank {}: this build has no Gloo (libtorch's CPU process group): rebuild with the gloo "
+        "headers (Debian: libgloo-dev) to train on {} processes",
+        env.rank, env.world_size);
+  if (device.is_cuda() && !nccl_available())
+    fail(
+        "rank {}: this build has no NCCL (libtorch's GPU process group): rebuild it with "
+        "scripts/build-cuda.sh where NCCL's nccl.h is installed to train on {} GPUs",
+        env.rank, env.world_size);
+  if (!device.is_cpu() && !(device.is_cuda() && device.has_index()))
+    fail("rank {}: several ranks train on the CPU or each on one CUDA device, not on {}", env.rank,
+         device.str());
   d.where = fmt::format("{}:{}", env.master_addr, env.master_port);
   const auto seconds = std::chrono::duration<double>(timeout).count();
   try {
@@ -158,30 +227,45 @@ Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout) {
         "({})",
         env.rank, env.world_size, d.where, seconds, first_line(e.what()));
   }
-#ifndef LIGHTNING_HAVE_GLOO
-  fail(
-      "rank {}: this build has no Gloo (libtorch's CPU process group): rebuild with the gloo "
-      "headers (Debian: libgloo-dev) to train on {} processes",
-      env.rank, env.world_size);
-#else
-  try {
-    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-    // Loopback jobs stay on loopback; otherwise GLOO_SOCKET_IFNAME picks the interface, as in
-    // PyTorch, or the address of this host's name.
-    if (is_loopback(env.master_addr)) {
-      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    } else if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
-      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-    } else {
-      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  if (device.is_cuda()) {
+#ifdef LIGHTNING_NCCL
+    try {
+      c10::cuda::set_device(device.index());
+      // Blocking waits: a collective that a peer never joins throws after `timeout` here, so
+      // that the error names that peer, instead of NCCL's watchdog aborting the process.
+      ::setenv("TORCH_NCCL_BLOCKING_WAIT", "1", /*overwrite=*/0);
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = timeout;
+      d.nccl =
+          c10::make_intrusive<c10d::ProcessGroupNCCL>(d.store, env.rank, env.world_size, options);
+      d.pg = d.nccl;
+    } catch (const std::exception& e) {
+      fail("rank {}: the NCCL process group over {} on {} did not form ({})", env.rank, d.where,
+           device.str(), first_line(e.what()));
     }
-    options->threads = 2;
-    d.pg = c10::make_intrusive<c10d::ProcessGroupGloo>(d.store, env.rank, env.world_size, options);
-  } catch (const std::exception& e) {
-    fail("rank {}: the Gloo process group over {} did not form within {:g} s ({})", env.rank,
-         d.where, seconds, first_line(e.what()));
-  }
 #endif
+  } else {
+#ifdef LIGHTNING_HAVE_GLOO
+    try {
+      auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+      // Loopback jobs stay on loopback; otherwise GLOO_SOCKET_IFNAME picks the interface, as in
+      // PyTorch, or the address of this host's name.
+      if (is_loopback(env.master_addr)) {
+        options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      } else if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
+        options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+      } else {
+        options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      options->threads = 2;
+      d.pg =
+          c10::make_intrusive<c10d::ProcessGroupGloo>(d.store, env.rank, env.world_size, options);
+    } catch (const std::exception& e) {
+      fail("rank {}: the Gloo process group over {} did not form within {:g} s ({})", env.rank,
+           d.where, seconds, first_line(e.what()));
+    }
+#endif
+  }
   spdlog::debug("dist: rank {} of {} joined at {}", env.rank, env.world_size, d.where);
   return group;
 }
@@ -191,6 +275,9 @@ int Group::rank() const {
 }
 int Group::size() const {
   return impl_->size;
+}
+c10::Device Group::device() const {
+  return impl_->device;
 }
 double Group::collective_seconds() const {
   return impl_->waited_s;
@@ -217,7 +304,7 @@ void Group::average_gradients(const std::vector<at::Tensor>& params, int64_t buc
     std::vector<torch::Tensor> flat_parts;
     for (size_t k = begin; k < end; ++k)
       flat_parts.push_back(grads[k].reshape({-1}));
-    std::vector<torch::Tensor> flat = {torch::cat(flat_parts)};
+    std::vector<torch::Tensor> flat = {impl_->on_device(torch::cat(flat_parts))};
     impl_->collective("gradient all-reduce", [&] { impl_->pg->allreduce(flat)->wait(); });
     flat[0].div_(size());
     int64_t offset = 0;
@@ -237,24 +324,33 @@ void Group::broadcast(const std::vector<at::Tensor>& tensors, int root) const {
   c10d::BroadcastOptions options;
   options.rootRank = root;
   for (const auto& t : tensors) {
-    std::vector<torch::Tensor> one = {t.detach().is_contiguous() ? t.detach()
-                                                                 : t.detach().contiguous()};
+    std::vector<torch::Tensor> one = {impl_->on_device(t)};
     impl_->collective("broadcast", [&] { impl_->pg->broadcast(one, options)->wait(); });
-    if (!t.is_contiguous()) t.detach().copy_(one[0]);
+    if (!one[0].is_alias_of(t)) t.detach().copy_(one[0]);  // it was copied to be broadcast
   }
 }
 
 std::vector<double> Group::sum(const std::vector<double>& values) const {
   if (size() == 1 || values.empty()) return values;
-  std::vector<torch::Tensor> t = {torch::tensor(values, torch::kFloat64)};
+  std::vector<torch::Tensor> t = {impl_->on_device(torch::tensor(values, torch::kFloat64))};
   impl_->collective("all-reduce of metrics", [&] { impl_->pg->allreduce(t)->wait(); });
-  const auto* p = t[0].data_ptr<double>();
+  const auto sums = t[0].cpu();
+  const auto* p = sums.data_ptr<double>();
   return std::vector<double>(p, p + values.size());
 }
 
 void Group::barrier() const {
   if (size() == 1) return;
-  impl_->collective("barrier", [&] { impl_->pg->barrier()->wait(); });
+  if (impl_->device.is_cpu()) {
+    impl_->collective("barrier", [&] { impl_->pg->barrier()->wait(); });
+    return;
+  }
+  // NCCL's barrier guesses its GPU; an all-reduce on ours, waited for by the CPU, is one.
+  std::vector<torch::Tensor> one = {torch::zeros({1}, torch::TensorOptions(impl_->device))};
+  impl_->collective("barrier", [&] {
+    impl_->pg->allreduce(one)->wait();
+    one[0].item<float>();
+  });
 }
 
 std::vector<std::string> Group::all_gather(const std::string& what,

@@ -1,7 +1,8 @@
-// Data-parallel training over libtorch's c10d: a TCPStore rendezvous and a Gloo process group
-// (CPU tensors). Processes are started as torchrun starts them, with RANK, WORLD_SIZE,
-// LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the environment (or by `--nproc N`, which sets
-// them for N local processes: dist/launch.h).
+// Data-parallel training over libtorch's c10d: a TCPStore rendezvous, then a Gloo process group
+// for ranks on the CPU or an NCCL one for ranks on GPUs (one GPU per rank, cuda:LOCAL_RANK).
+// Processes are started as torchrun starts them, with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+// and MASTER_PORT in the environment (or by `--nproc N`, which sets them for N local processes:
+// dist/launch.h).
 //
 // A Group of one process (the default) makes every collective the identity, so training code
 // calls them unconditionally. When a peer dies or stops answering, the collective fails within
@@ -15,6 +16,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include <c10/core/Device.h>
 
 namespace at {
 class Tensor;
@@ -44,12 +47,16 @@ class Group {
   Group& operator=(Group&&) noexcept;
 
   // Joins the job: rank 0 hosts the store at MASTER_ADDR:MASTER_PORT, the others connect to
-  // it (an unreachable address fails within `timeout`, naming it); then the Gloo group.
+  // it (an unreachable address fails within `timeout`, naming it); then the process group of
+  // `device`: Gloo for the CPU, NCCL for a CUDA device (which becomes the current one).
   // `timeout` also bounds every collective.
-  static Group connect(const LaunchEnv& env, std::chrono::milliseconds timeout);
+  static Group connect(const LaunchEnv& env, std::chrono::milliseconds timeout,
+                       const c10::Device& device = c10::kCPU);
 
   int rank() const;
   int size() const;
+  // Where the collectives run: tensors elsewhere are copied there and back.
+  c10::Device device() const;
   bool is_main() const { return rank() == 0; }
 
   // Sums, then divides by size(), the gradients of `params` in place, packed into buckets of at
@@ -78,5 +85,10 @@ class Group {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Whether this build has c10d's process groups for several CPU processes (Gloo) and for
+// several GPUs (NCCL: a CUDA libtorch built by scripts/build-cuda.sh where nccl.h is found).
+bool gloo_available();
+bool nccl_available();
 
 }  // namespace lightning::dist

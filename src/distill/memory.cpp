@@ -72,7 +72,10 @@ MemoryCheck check_phase_memory(const DistillRecipe& recipe,
   for (const auto& phase : estimate_phase_memory(recipe, teacher))
     if (phase.bytes > check.largest.bytes) check.largest = phase;
   if (!recipe.stages.empty()) check.stage_name = recipe.stages[check.largest.stage].name;
-  if (device.is_cpu()) check.available = static_cast<double>(total_memory_bytes());
+  if (device.is_cpu()) {
+    check.available = static_cast<double>(total_memory_bytes());
+    check.swap = static_cast<double>(total_swap_bytes());
+  }
   return check;
 }
 
@@ -81,7 +84,10 @@ std::string MemoryCheck::describe() const {
       "stage {} ({}) {} holds about {:.{}f} GB of weights and optimiser state before activations",
       largest.stage + 1, stage_name, largest.phase, largest.bytes / 1e9,
       largest.bytes >= 10e9 ? 1 : 2);
-  if (exceeds())
+  if (exceeds_with_swap() && swap > 0)
+    text += fmt::format(", more than this machine's {:.1f} GB of memory and {:.1f} GB of swap",
+                        available / 1e9, swap / 1e9);
+  else if (exceeds())
     text += fmt::format(", more than this machine's {:.1f} GB of memory", available / 1e9);
   return text;
 }

@@ -35,9 +35,12 @@ struct MemoryCheck {
   PhaseMemory largest;
   std::string stage_name;
   double available = 0;  // bytes; 0: unknown (CUDA)
+  double swap = 0;       // the CPU's swap, bytes
   bool exceeds() const { return available > 0 && largest.bytes > available; }
+  // Beyond memory and swap together: it cannot run at all (a dry run in swap is slow but runs).
+  bool exceeds_with_swap() const { return exceeds() && largest.bytes > available + swap; }
   // "stage 2 (32-to-8) full holds about 75.9 GB of weights and optimiser state before
-  // activations[, more than this machine's 23.4 GB of memory]"
+  // activations[, more than this machine's 23.4 GB of memory[ and 60.0 GB of swap]]"
   std::string describe() const;
 };
 MemoryCheck check_phase_memory(const DistillRecipe& recipe,

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <random>
@@ -167,6 +168,22 @@ struct Interval {
 
 }  // namespace
 
+void check_discriminator_input(const DistillRecipe& recipe,
+                               const generate::TextToImageModel& teacher, int64_t smallest_side,
+                               size_t first_stage) {
+  for (size_t s = first_stage; s < recipe.stages.size(); ++s) {
+    const auto& stage = recipe.stages[s];
+    if (!stage.has_adversarial_phase()) continue;
+    const int64_t need = models::smallest_discriminator_input(teacher.unet->config, stage.head) *
+                         teacher.vae_scale();
+    if (smallest_side < need)
+      fail_usage(
+          "{} [[stages]] #{}: {}-pixel image sides leave too few features for head_blocks = {} "
+          "(each block halves them): use images of at least {} pixels a side, or fewer blocks",
+          recipe.file, s + 1, smallest_side, stage.head.blocks, need);
+  }
+}
+
 DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions& options) {
   const dist::Group single;
   const dist::Group& group = options.group ? *options.group : single;
@@ -187,11 +204,9 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   if (options.until && *options.until < 1)
     fail_usage("--until must be >= 1, got {}", *options.until);
   const torch::Device device = options.device;
-  if (!device.is_cpu() && group.size() > 1)
-    fail_usage(
-        "--device {}: several ranks train on the CPU only (Gloo); NCCL for GPUs is not in this "
-        "build yet",
-        device.str());
+  if (group.size() > 1 && device != group.device())
+    fail("rank {}: the networks are on {} but the process group's collectives on {}", group.rank(),
+         device.str(), group.device().str());
   if (recipe.batch_size % group.size() != 0)
     fail_usage("{}: [train] batch_size = {} does not split evenly over {} ranks", recipe.file,
                recipe.batch_size, group.size());
@@ -221,6 +236,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   models::ModelLoadOptions load_options;
   load_options.device = device;
   auto teacher = generate::load_model(teacher_dir, load_options);
+  if (options.teacher_loaded) options.teacher_loaded(teacher_dir);
   if (const auto memory = check_phase_memory(recipe, teacher, device); memory.exceeds())
     spdlog::warn(
         "distill: {}: expect it to run out (docs/benchmarks.md gives each phase's share; "
@@ -302,6 +318,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   if (start.stage > 0) {
     teacher = generate::load_model(result.model_dirs.back(), load_options);
     teacher.text_encoder->eval();
+    if (options.teacher_loaded) options.teacher_loaded(result.model_dirs.back());
   }
 
   std::FILE* metrics = main_rank ? std::fopen(metrics_path.c_str(), "a") : nullptr;
@@ -332,6 +349,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   std::optional<data::SampleStream> stream;
   std::optional<data::BucketBatcher> batcher;
   std::optional<data::BatchPrefetcher> prefetcher;  // reads ahead from `batcher`
+  std::vector<data::Bucket> buckets;
   if (streamed) {
     auto source = recipe.source;
     int64_t resolution = recipe.resolution > 0 ? recipe.resolution : teacher.sample_size();
@@ -346,7 +364,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     data::BatcherOptions batching;
     batching.batch_size = b;
     batching.channels = teacher.image_channels();
-    batching.buckets = data::make_buckets(resolution, teacher.size_multiple(), max_aspect);
+    batching.buckets = buckets =
+        data::make_buckets(resolution, teacher.size_multiple(), max_aspect);
     batching.random_crop = recipe.random_crop;
     batching.seed = recipe.seed;
     batcher.emplace(*stream, batching);
@@ -365,6 +384,14 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                  stream->num_shards(), batching.buckets.size(),
                  batching.buckets[batching.buckets.size() / 2].height,
                  batching.buckets[batching.buckets.size() / 2].width, b);
+  }
+  // Images too small for a stage's discriminator head: refused now, not when its phase begins.
+  {
+    int64_t smallest =
+        streamed ? std::numeric_limits<int64_t>::max() : std::min(pixels.size(2), pixels.size(3));
+    for (const auto& bucket : buckets)
+      smallest = std::min({smallest, bucket.height, bucket.width});
+    check_discriminator_input(recipe, teacher, smallest, start.stage);
   }
   g_interrupted = false;  // before the handlers: a signal from now on is kept
   StopSignalGuard stop_signals;
@@ -916,8 +943,14 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     // The next stage's teacher: this stage's student as saved (what a resumed run loads too;
     // every rank reads rank 0's files, so the run directory is shared by all ranks).
     group.barrier();
+    if (s + 1 == recipe.stages.size()) break;
+    student = nullptr;  // the stage's networks go before the next teacher comes
+    disc = nullptr;
+    student_model.unet = nullptr;
+    teacher.unet = nullptr;
     teacher = generate::load_model(result.model_dirs.back(), load_options);
     teacher.text_encoder->eval();
+    if (options.teacher_loaded) options.teacher_loaded(result.model_dirs.back());
   }
   if (bar) bar->finish();
   result.iterations = g;

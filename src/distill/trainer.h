@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -31,6 +32,10 @@
 
 namespace lightning::dist {
 class Group;
+}
+
+namespace lightning::generate {
+struct TextToImageModel;
 }
 
 namespace lightning::distill {
@@ -46,11 +51,15 @@ struct DistillOptions {
   // N ranks follow the single-process run. Rank 0 writes every file.
   const dist::Group* group = nullptr;
   // Where the networks train (`--device`); data, noise and timesteps are drawn on the CPU (the
-  // same numbers on any device) and moved. Several ranks need the CPU (Gloo).
+  // same numbers on any device) and moved. With several ranks: the group's device.
   torch::Device device = torch::kCPU;
   // false: no checkpoint/ is written (the dry-run benchmark, whose SDXL checkpoints would be
   // tens of GB); such a run cannot be resumed.
   bool checkpoints = true;
+  // Called with each teacher's directory once it is loaded: the recipe's teacher, then each
+  // finished stage's model as the next stage's teacher. The dry-run benchmark deletes them
+  // there, so that its disk holds about one SDXL pipeline at a time instead of six.
+  std::function<void(const std::string& dir)> teacher_loaded;
 };
 
 struct DistillResult {
@@ -59,6 +68,13 @@ struct DistillResult {
       false;               // stopped by SIGINT or SIGTERM (after a checkpoint, unless they are off)
   int64_t iterations = 0;  // where training stopped
 };
+
+// Refuses (a usage error naming the recipe's stage and head_blocks) images whose smallest side,
+// in pixels, is too small for the discriminator head of an adversarial stage from `first_stage`
+// on: each head block halves the UNet encoder's features and needs at least 2x2 of them.
+void check_discriminator_input(const DistillRecipe& recipe,
+                               const generate::TextToImageModel& teacher, int64_t smallest_side,
+                               size_t first_stage = 0);
 
 // Checks the run directory and the recipe against the teacher before any training (usage
 // errors name the flag or key), then trains. SIGINT or SIGTERM during training makes every rank

@@ -39,13 +39,21 @@ torch::Tensor DiscriminatorHeadImpl::forward(const torch::Tensor& features) {
   for (size_t i = 0; i < convs->size(); ++i) {
     if (h.size(2) < 2 || h.size(3) < 2)
       fail(
-          "discriminator head: block {} gets {}x{} features; lower [discriminator] head_blocks "
-          "or use larger images",
+          "discriminator head: block {} gets {}x{} features; lower [[stages]] head_blocks or "
+          "use larger images",
           i, h.size(2), h.size(3));
     h = convs[i]->as<nn::Conv2dImpl>()->forward(h);
     h = torch::silu(norms[i]->as<nn::GroupNormImpl>()->forward(h));
   }
   return out(h).mean({1, 2, 3});
+}
+
+int64_t smallest_discriminator_input(const UNetConfig& unet, const DiscriminatorHeadConfig& head) {
+  // Features of side f >= 2^blocks survive the head's halvings (floor) with >= 2 left for the
+  // last block; an input of side n gives f = ceil(n / 2^(levels - 1)).
+  const int64_t features = int64_t{1} << head.blocks;
+  const int64_t down = int64_t{1} << (static_cast<int64_t>(unet.num_blocks()) - 1);
+  return (features - 1) * down + 1;
 }
 
 DiscriminatorImpl::DiscriminatorImpl(const UNetConfig& unet_config,

@@ -40,6 +40,11 @@ class DiscriminatorHeadImpl : public torch::nn::Cloneable<DiscriminatorHeadImpl>
 };
 TORCH_MODULE(DiscriminatorHead);
 
+// The smallest side of the UNet's input (latents, or pixels for a pixel-space UNet) whose encoder
+// features (halved, rounding up, at each down-sampling block) give each of the head's blocks at
+// least 2x2 features: for SDXL and 3 head blocks, 29 latents (232 pixels).
+int64_t smallest_discriminator_input(const UNetConfig& unet, const DiscriminatorHeadConfig& head);
+
 class DiscriminatorImpl : public torch::nn::Module {
  public:
   DiscriminatorImpl(const UNetConfig& unet_config, const DiscriminatorHeadConfig& head);
