@@ -163,13 +163,15 @@ std::vector<DistillBenchRow> run_distill_bench(
   fs::remove_all(run.out_dir, ec);
   run.device = torch::Device(options.device);
   run.checkpoints = false;
-  // Each pipeline this bench wrote goes once it is loaded as a teacher: at SDXL size the disk
-  // then holds one or two pipelines (7 GB each in f16) instead of six. Not a --distill DIR.
-  const auto own = fs::weakly_canonical(work);
+  // Each pipeline this bench wrote (the random teacher, the stages' models in the run
+  // directory) goes once it is loaded as a teacher: at SDXL size the disk then holds one or two
+  // pipelines (7 GB each in f16) instead of six. Never a --distill DIR, wherever it is.
+  const auto run_dir = fs::weakly_canonical(run.out_dir);
+  const auto random_teacher = preset ? fs::weakly_canonical(teacher_dir) : fs::path();
   run.teacher_loaded = [&](const std::string& dir) {
     const auto path = fs::weakly_canonical(dir);
-    const auto [end, _] = std::mismatch(own.begin(), own.end(), path.begin(), path.end());
-    if (end != own.end() || path == own) return;
+    const auto [end, _] = std::mismatch(run_dir.begin(), run_dir.end(), path.begin(), path.end());
+    if (path != random_teacher && (end != run_dir.end() || path == run_dir)) return;
     std::error_code ec;
     fs::remove_all(path, ec);
     if (ec) spdlog::warn("bench: cannot remove {} ({})", path.string(), ec.message());

@@ -409,6 +409,12 @@ TEST(SdxlLightningRecipe, BenchDryRunsEveryPhase) {
   // The pipelines the bench wrote went once loaded as teachers (7 GB each at SDXL size).
   EXPECT_FALSE(fs::exists(dir + "/teacher"));
   EXPECT_FALSE(fs::exists(dir + "/run/stage-4-4-to-2/model"));
+  // A model directory of the user's is never deleted, even inside --work-dir.
+  fs::copy(dir + "/run/stage-5-2-to-1/model", dir + "/mine", fs::copy_options::recursive);
+  auto own = test::run_lightning("bench --distill " + dir + "/mine --recipe " + recipe_path +
+                                 " --image 32 --iterations 1 --threads 2 --work-dir " + dir);
+  EXPECT_EQ(own.exit_code, 0) << own.output;
+  EXPECT_TRUE(fs::exists(dir + "/mine/model_index.json")) << own.output;
 
   auto bad = test::run_lightning("bench --distill sd3 --recipe " + recipe_path);
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
