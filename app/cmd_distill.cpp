@@ -90,9 +90,12 @@ void add_distill_command(CLI::App& app) {
       const int gpus = static_cast<int>(torch::cuda::device_count());
       const int local = args->nproc > 1 ? args->nproc - 1 : env->local_rank;
       if (local >= gpus)
-        fail_usage("{} = {}: this machine has {} CUDA device(s), one per rank",
-                   args->nproc > 1 ? "--nproc" : "LOCAL_RANK",
-                   args->nproc > 1 ? args->nproc : env->local_rank, gpus);
+        fail_usage(
+            "{} = {}{}: this machine has {} CUDA device(s), one per rank",
+            args->nproc > 1 ? "--nproc" : "LOCAL_RANK",
+            args->nproc > 1 ? args->nproc : env->local_rank,
+            args->nproc > 1 || std::getenv("LOCAL_RANK") ? "" : " (RANK: LOCAL_RANK is not set)",
+            gpus);
       if (env) device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local));
     }
     if (args->nproc > 1) {

@@ -22,9 +22,12 @@ for top in (spec.submodule_search_locations if spec else []):
         raise SystemExit
 EOF
 )
+nccl_version=$("$python" -c 'import torch; print(".".join(map(str, torch.cuda.nccl.version())))' \
+  2>/dev/null || true)
 generator=()
 if command -v ninja >/dev/null; then generator=(-G Ninja); fi
 cmake -S . -B build-cuda "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="${torch_prefix}${DEPS_PREFIX:+;$DEPS_PREFIX}" \
-  ${nccl_root:+-DNCCL_ROOT="$nccl_root"} -DLIGHTNING_TESTS=OFF "$@"
+  ${nccl_root:+-DNCCL_ROOT="$nccl_root"} ${nccl_version:+-DNCCL_EXPECTED_VERSION="$nccl_version"} \
+  -DLIGHTNING_TESTS=OFF "$@"
 cmake --build build-cuda -j"$(nproc)" --target "${TARGET:-lightning}"

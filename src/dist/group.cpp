@@ -1,6 +1,7 @@
 #include "dist/group.h"
 
 #include <cstdlib>
+#include <exception>
 #include <thread>
 
 #include <fmt/format.h>
@@ -153,10 +154,10 @@ struct Group::Impl {
 
   ~Impl() {
 #ifdef LIGHTNING_NCCL
-    // NCCL wants its communicators destroyed before exit; after a failure, aborted (a shutdown
-    // would wait on the peer that stopped).
+    // NCCL wants its communicators destroyed before exit; after a failure, or while an error
+    // unwinds, aborted (a shutdown waits, without a limit, on peers that may not come).
     if (nccl) try {
-        if (failed)
+        if (failed || std::uncaught_exceptions() > 0)
           nccl->abort();
         else
           nccl->shutdown();
@@ -239,6 +240,7 @@ Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout,
       d.nccl =
           c10::make_intrusive<c10d::ProcessGroupNCCL>(d.store, env.rank, env.world_size, options);
       d.pg = d.nccl;
+      d.nccl->eagerConnectSingleDevice(device);  // the communicator now: failures say so here
     } catch (const std::exception& e) {
       fail("rank {}: the NCCL process group over {} on {} did not form ({})", env.rank, d.where,
            device.str(), first_line(e.what()));
