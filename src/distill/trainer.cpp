@@ -906,6 +906,13 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
         const bool stage_done = phase_done && p + 1 == phases.size();
         if (g % recipe.sample_every == 0 && !stage_done) write_samples(g);
         if (stage_done) {  // finish the stage before its checkpoint: resuming starts the next one
+          // Its training is over: the gradients (a UNet's and a discriminator's worth, 15.5 GB
+          // for SDXL in f32) go before the samples and the saved model add their own memory.
+          for (auto& q : student->parameters())
+            q.mutable_grad() = torch::Tensor();
+          if (disc)
+            for (auto& q : disc->parameters())
+              q.mutable_grad() = torch::Tensor();
           if (lora_attached) save_and_merge_lora();
           write_samples(g);
           student->eval();
