@@ -9,7 +9,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <limits>
 #include <map>
 #include <optional>
 #include <random>
@@ -349,7 +348,8 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
   std::optional<data::SampleStream> stream;
   std::optional<data::BucketBatcher> batcher;
   std::optional<data::BatchPrefetcher> prefetcher;  // reads ahead from `batcher`
-  std::vector<data::Bucket> buckets;
+  // The smallest image side training sees (the discriminator heads need enough of it).
+  int64_t smallest_side = streamed ? 0 : std::min(pixels.size(2), pixels.size(3));
   if (streamed) {
     auto source = recipe.source;
     int64_t resolution = recipe.resolution > 0 ? recipe.resolution : teacher.sample_size();
@@ -364,8 +364,10 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
     data::BatcherOptions batching;
     batching.batch_size = b;
     batching.channels = teacher.image_channels();
-    batching.buckets = buckets =
-        data::make_buckets(resolution, teacher.size_multiple(), max_aspect);
+    batching.buckets = data::make_buckets(resolution, teacher.size_multiple(), max_aspect);
+    smallest_side = resolution;
+    for (const auto& bucket : batching.buckets)
+      smallest_side = std::min({smallest_side, bucket.height, bucket.width});
     batching.random_crop = recipe.random_crop;
     batching.seed = recipe.seed;
     batcher.emplace(*stream, batching);
@@ -386,13 +388,7 @@ DistillResult run_distillation(const DistillRecipe& recipe, const DistillOptions
                  batching.buckets[batching.buckets.size() / 2].width, b);
   }
   // Images too small for a stage's discriminator head: refused now, not when its phase begins.
-  {
-    int64_t smallest =
-        streamed ? std::numeric_limits<int64_t>::max() : std::min(pixels.size(2), pixels.size(3));
-    for (const auto& bucket : buckets)
-      smallest = std::min({smallest, bucket.height, bucket.width});
-    check_discriminator_input(recipe, teacher, smallest, start.stage);
-  }
+  check_discriminator_input(recipe, teacher, smallest_side, start.stage);
   g_interrupted = false;  // before the handlers: a signal from now on is kept
   StopSignalGuard stop_signals;
   std::optional<ProgressBar> bar;  // rank 0's
