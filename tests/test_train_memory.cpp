@@ -473,6 +473,40 @@ TEST(SdxlLightningRecipe, MemoryEstimateOfEachPhase) {
   EXPECT_NEAR(phases[10].bytes / 1e9, 22.2, 0.1);  // stage 5 x0_warmup
 }
 
+// The start-up check names whose memory a phase exceeds: this machine's (with its swap), or the
+// GPU's. Without a GPU build the GPU's memory is unknown and nothing is refused.
+TEST(SdxlLightningRecipe, MemoryCheckNamesTheMemoryItExceeds) {
+  distill::MemoryCheck check;
+  check.largest = {1, "full", 75.9e9};
+  check.stage_name = "32-to-8";
+  check.available = 24e9;
+  EXPECT_EQ(check.describe(),
+            "stage 2 (32-to-8) full holds about 75.9 GB of weights and optimiser state before "
+            "activations, more than this machine's 24.0 GB of memory");
+  check.swap = 62e9;
+  EXPECT_TRUE(check.exceeds());
+  EXPECT_FALSE(check.exceeds_with_swap());
+  check.memory_of = "cuda:1's";
+  check.available = 42.9e9;
+  check.swap = 0;
+  EXPECT_TRUE(check.exceeds_with_swap());
+  EXPECT_EQ(check.describe(),
+            "stage 2 (32-to-8) full holds about 75.9 GB of weights and optimiser state before "
+            "activations, more than cuda:1's 42.9 GB of memory");
+
+  const auto recipe =
+      distill::DistillRecipe::load(test::source_path("recipes/sdxl-lightning.toml"));
+  const auto tiny =
+      generate::load_model(test::source_path("tests/fixtures/sdxl/tiny-sdxl-pipeline"), {});
+  const auto cpu = distill::check_phase_memory(recipe, tiny, torch::kCPU);
+  EXPECT_EQ(cpu.memory_of, "this machine's");
+  EXPECT_EQ(cpu.available, static_cast<double>(total_memory_bytes()));
+  const auto gpu = distill::check_phase_memory(recipe, tiny, torch::Device("cuda:1"));
+  EXPECT_EQ(gpu.memory_of, "cuda:1's");
+  EXPECT_EQ(gpu.available, static_cast<double>(cuda_total_memory_bytes(1)));
+  EXPECT_EQ(gpu.swap, 0);
+}
+
 TEST(SdxlLightningRecipe, BenchRefusesAFullSizeDryRunThatDoesNotFit) {
   if (total_memory_bytes() + total_swap_bytes() > 76e9)
     GTEST_SKIP() << "this machine could hold the dry run (in swap, perhaps)";

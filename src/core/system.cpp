@@ -9,7 +9,11 @@
 
 #include <ATen/Parallel.h>
 #ifdef LIGHTNING_CUDA
+#include <dlfcn.h>
+
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace lightning {
@@ -104,6 +108,22 @@ int64_t cuda_peak_reserved_bytes(int index) {
 void reset_cuda_peak(int index) {
   c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(index));
 }
+int64_t cuda_total_memory_bytes(int index) {
+  // The CUDA runtime's, looked up where libc10_cuda loaded it: this program links libtorch's
+  // CUDA libraries, not the runtime itself.
+  using MemGetInfo = decltype(&cudaMemGetInfo);
+  static const auto mem_get_info =
+      reinterpret_cast<MemGetInfo>(dlsym(RTLD_DEFAULT, "cudaMemGetInfo"));
+  if (!mem_get_info) return 0;
+  try {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));
+    size_t free = 0, total = 0;
+    if (mem_get_info(&free, &total) != cudaSuccess) return 0;
+    return static_cast<int64_t>(total);
+  } catch (const std::exception&) {  // no such device
+    return 0;
+  }
+}
 #else
 int64_t cuda_peak_allocated_bytes(int) {
   return 0;
@@ -112,6 +132,9 @@ int64_t cuda_peak_reserved_bytes(int) {
   return 0;
 }
 void reset_cuda_peak(int) {}
+int64_t cuda_total_memory_bytes(int) {
+  return 0;
+}
 #endif
 
 int64_t peak_memory_bytes(const c10::Device& device) {

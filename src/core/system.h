@@ -42,6 +42,9 @@ bool reset_peak_rss();
 // reset_cuda_peak(index): allocated by tensors, and reserved from the driver. 0 in builds
 // without CUDA (LIGHTNING_CUDA is defined when libtorch has c10_cuda).
 int64_t cuda_peak_allocated_bytes(int index);
+// The memory of CUDA device `index` (cudaMemGetInfo's total), in bytes; 0 in builds without CUDA
+// or where it cannot be read.
+int64_t cuda_total_memory_bytes(int index);
 int64_t cuda_peak_reserved_bytes(int index);
 void reset_cuda_peak(int index);
 

@@ -75,6 +75,10 @@ MemoryCheck check_phase_memory(const DistillRecipe& recipe,
   if (device.is_cpu()) {
     check.available = static_cast<double>(total_memory_bytes());
     check.swap = static_cast<double>(total_swap_bytes());
+  } else if (device.is_cuda()) {
+    const int index = device.has_index() ? device.index() : 0;
+    check.available = static_cast<double>(cuda_total_memory_bytes(index));
+    check.memory_of = fmt::format("cuda:{}'s", index);
   }
   return check;
 }
@@ -85,10 +89,10 @@ std::string MemoryCheck::describe() const {
       largest.stage + 1, stage_name, largest.phase, largest.bytes / 1e9,
       largest.bytes >= 10e9 ? 1 : 2);
   if (exceeds_with_swap() && swap > 0)
-    text += fmt::format(", more than this machine's {:.1f} GB of memory and {:.1f} GB of swap",
+    text += fmt::format(", more than {} {:.1f} GB of memory and {:.1f} GB of swap", memory_of,
                         available / 1e9, swap / 1e9);
   else if (exceeds())
-    text += fmt::format(", more than this machine's {:.1f} GB of memory", available / 1e9);
+    text += fmt::format(", more than {} {:.1f} GB of memory", memory_of, available / 1e9);
   return text;
 }
 

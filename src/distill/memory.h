@@ -30,17 +30,20 @@ struct PhaseMemory {
 std::vector<PhaseMemory> estimate_phase_memory(const DistillRecipe& recipe,
                                                const generate::TextToImageModel& teacher);
 
-// The largest phase against the memory of `device` where it is known (the CPU's: MemTotal).
+// The largest phase against the memory of `device` where it is known: the CPU's (MemTotal, and
+// swap) or the GPU's.
 struct MemoryCheck {
   PhaseMemory largest;
   std::string stage_name;
-  double available = 0;  // bytes; 0: unknown (CUDA)
-  double swap = 0;       // the CPU's swap, bytes
+  std::string memory_of = "this machine's";  // whose memory `available` is ("cuda:0's")
+  double available = 0;                      // bytes; 0: unknown
+  double swap = 0;                           // the CPU's swap, bytes
   bool exceeds() const { return available > 0 && largest.bytes > available; }
   // Beyond memory and swap together: it cannot run at all (a dry run in swap is slow but runs).
   bool exceeds_with_swap() const { return exceeds() && largest.bytes > available + swap; }
   // "stage 2 (32-to-8) full holds about 75.9 GB of weights and optimiser state before
-  // activations[, more than this machine's 23.4 GB of memory[ and 60.0 GB of swap]]"
+  // activations[, more than this machine's 23.4 GB of memory[ and 60.0 GB of swap]]" (on a GPU:
+  // "more than cuda:0's 85.0 GB of memory")
   std::string describe() const;
 };
 MemoryCheck check_phase_memory(const DistillRecipe& recipe,
