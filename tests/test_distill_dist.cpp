@@ -283,21 +283,30 @@ TEST(Dist, TwoProcessesFollowOneProcess) {
       EXPECT_NEAR(y, x, 1e-2 * x) << "grad_norm_g at step " << a["step"];
     }
   }
+  // The stage models of two runs, bit for bit (f32 weights that differ would, almost surely,
+  // differ in f16 too).
+  auto expect_same_models = [&](const std::string& x, const std::string& y) {
+    for (const char* stage : {"stage-1-8-to-4", "stage-2-4-to-2", "stage-3-2-to-1"}) {
+      const std::string file =
+          std::string("/") + stage + "/model/unet/diffusion_pytorch_model.safetensors";
+      io::SafetensorsFile a(dir + "/" + x + file), b(dir + "/" + y + file);
+      ASSERT_EQ(a.keys(), b.keys());
+      for (const auto& name : a.keys())
+        ASSERT_TRUE(torch::equal(a.get(name), b.get(name))) << y << file << ": " << name;
+    }
+  };
   // Stopped inside stage 2's LoRA phase and resumed on two ranks (each reads rank 0's
   // checkpoint): bit-identical to the straight two-rank run.
   auto part = distill("resumed", "--nproc 2 --threads 2 --until 15");
   ASSERT_EQ(part.exit_code, 0) << part.output;
+  fs::copy(dir + "/resumed/checkpoint", dir + "/checkpoint-15");
   auto rest = distill("resumed", "--nproc 2 --threads 2 --resume");
   ASSERT_EQ(rest.exit_code, 0) << rest.output;
-  for (const char* file :
-       {"checkpoint/student.safetensors", "checkpoint/discriminator.safetensors"}) {
-    io::SafetensorsFile a(dir + "/two/" + file), b(dir + "/resumed/" + file);
-    for (const auto& name : a.keys())
-      ASSERT_TRUE(torch::equal(a.get(name), b.get(name))) << file << ": " << name;
-  }
+  expect_same_models("two", "resumed");
 
   // The same with Adam's moments sharded over the ranks (ZeRO stage 1): each rank updates its
-  // share and broadcasts it, the checkpoint gathers the moments; bit-identical again.
+  // share and broadcasts it, the checkpoint gathers the moments; bit-identical again, in the
+  // checkpoint at iteration 15 and in the stage models.
   std::string sharded_recipe = read_text(quick_recipe());
   const auto train_at = sharded_recipe.find("[train]\n");
   ASSERT_NE(train_at, std::string::npos);
@@ -309,16 +318,17 @@ TEST(Dist, TwoProcessesFollowOneProcess) {
   };
   auto sharded_part = sharded("--until 15");
   ASSERT_EQ(sharded_part.exit_code, 0) << sharded_part.output;
-  auto sharded_rest = sharded("--resume");
-  ASSERT_EQ(sharded_rest.exit_code, 0) << sharded_rest.output;
-  for (const char* file : {"checkpoint/student.safetensors", "checkpoint/discriminator.safetensors",
-                           "checkpoint/student_optimizer.safetensors",
-                           "checkpoint/discriminator_optimizer.safetensors"}) {
-    io::SafetensorsFile a(dir + "/two/" + file), b(dir + "/sharded/" + file);
+  for (const char* file :
+       {"student.safetensors", "discriminator.safetensors", "lora.safetensors",
+        "student_optimizer.safetensors", "discriminator_optimizer.safetensors"}) {
+    io::SafetensorsFile a(dir + "/checkpoint-15/" + file), b(dir + "/sharded/checkpoint/" + file);
     EXPECT_EQ(a.keys(), b.keys()) << file;
     for (const auto& name : a.keys())
       ASSERT_TRUE(torch::equal(a.get(name), b.get(name))) << file << ": " << name;
   }
+  auto sharded_rest = sharded("--resume");
+  ASSERT_EQ(sharded_rest.exit_code, 0) << sharded_rest.output;
+  expect_same_models("two", "sharded");
 
   // Rank 0 logs for both, with each rank's compute time.
   const auto first = nlohmann::json::parse(lines_two.front());

@@ -184,9 +184,19 @@ TEST(Distill, QuickRecipeWritesEveryOutputAndResumesExactly) {
   EXPECT_TRUE(saw_adversarial);
   EXPECT_EQ(metrics.back()["step"], recipe.total_iterations());
 
-  // Stop inside stage 2's unconditional LoRA phase (iterations 17..20), then inside stage 3's
-  // first discriminator warm-up (26..27), then resume to the end.
+  // Stop at stage 1's end (iteration 12), inside stage 2's unconditional LoRA phase
+  // (iterations 17..20), then inside stage 3's first discriminator warm-up (26..27), then resume
+  // to the end.
   auto first = options_for(dir + "/split");
+  first.until = 12;
+  const auto stage_end = distill::run_distillation(recipe, first);
+  EXPECT_EQ(stage_end.model_dirs.size(), 1u);
+  // A stage's end needs no trained state: the next stage starts from the saved model.
+  std::vector<std::string> held;
+  for (const auto& entry : fs::directory_iterator(dir + "/split/checkpoint"))
+    held.push_back(entry.path().filename().string());
+  EXPECT_EQ(held, std::vector<std::string>{"state.json"});
+  first.resume = true;
   first.until = 19;
   const auto part = distill::run_distillation(recipe, first);
   EXPECT_EQ(part.iterations, 19);
@@ -288,9 +298,12 @@ head_channels = 32
 TEST(Cli, DistillCtrlCWritesACheckpointAndResumes) {
   const auto dir = test::temp_dir();
   const auto recipe = test::source_path("recipes/quick-distill.toml");
-  auto r =
-      test::run_lightning("distill --recipe " + recipe + " --out " + dir +
-                          "/run --threads 1 2>&1 & pid=$!; sleep 12; kill -INT $pid; wait $pid");
+  // Ctrl-C once training has begun (the first metrics line, at iteration 2 of 35), not after a
+  // fixed time that a faster machine may spend on the whole run.
+  const std::string metrics = dir + "/run/metrics.jsonl";
+  auto r = test::run_lightning("distill --recipe " + recipe + " --out " + dir +
+                               "/run --threads 1 2>&1 & pid=$!; for i in $(seq 1200); do [ -s " +
+                               metrics + " ] && break; sleep 0.1; done; kill -INT $pid; wait $pid");
   EXPECT_EQ(r.exit_code, 130) << r.output;
   EXPECT_NE(r.output.find("interrupted"), std::string::npos) << r.output;
   ASSERT_TRUE(fs::exists(dir + "/run/checkpoint/state.json"));

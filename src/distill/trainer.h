@@ -1,6 +1,6 @@
-// The stage trainer of progressive adversarial distillation (`lightning distill`), on the
-// Fashion-MNIST text-to-image models of this project (pixel space, SD-1.x-style conditioning).
-// The recipe format is in distill/recipe.h; the objectives in distill/objectives.h.
+// The stage trainer of progressive adversarial distillation (`lightning distill`). The recipe
+// format is in distill/recipe.h, the objectives in distill/objectives.h, the data in
+// distill/batches.h, a stage's networks and the updates of one iteration in distill/stage.h.
 //
 // One iteration of a stage (teacher K steps -> student K/n steps), batch B:
 //   real x0 and captions from the train split; t drawn from the student's timestep grid;
@@ -14,7 +14,8 @@
 // stage's teacher at each stage; each phase starts fresh Adam moments.
 //
 // A run directory holds: recipe.toml, metrics.jsonl, loss.png, samples/, checkpoint/ (replaced
-// atomically; resuming gives the same next step as not stopping) and per stage
+// atomically; resuming gives the same next step as not stopping; at a stage's end it holds only
+// the position, since the next stage starts from the stage's model) and per stage
 // stage-<i>-<name>/model/ (a model directory `lightning generate` loads) and, for LoRA stages,
 // stage-<i>-<name>/lora.safetensors (kohya format; `generate --lora` applies it to the stage's
 // teacher).
