@@ -63,6 +63,22 @@ void zero_grads(const std::vector<torch::Tensor>& params) {
     }
 }
 
+// One optimiser update from `loss`: gradients (zeroed first) averaged over the ranks and clipped,
+// the step (of this rank's share, when sharded, which then goes to the others). Returns the
+// gradients' norm before clipping.
+double update(const torch::Tensor& loss, const std::vector<torch::Tensor>& params,
+              torch::optim::Optimizer& optimizer,
+              const std::optional<train::OptimizerShards>& shards, const dist::Group& group,
+              double max_norm) {
+  zero_grads(params);
+  loss.backward();
+  group.average_gradients(params);
+  const double norm = clip(params, max_norm);
+  optimizer.step();
+  if (shards) shards->sync(params, group);
+  return norm;
+}
+
 void drop_grads(torch::nn::Module& module) {
   for (auto& p : module.parameters())
     p.mutable_grad() = torch::Tensor();
@@ -294,12 +310,8 @@ PhaseTrainer::PhaseTrainer(const DistillRecipe& recipe, size_t stage, size_t pha
 }
 
 void PhaseTrainer::update_student(const torch::Tensor& loss, std::map<std::string, double>& m) {
-  zero_grads(student_params_);
-  loss.backward();
-  group_.average_gradients(student_params_);
-  m["grad_norm_g"] = clip(student_params_, recipe_.max_grad_norm);
-  g_opt_->step();
-  if (g_shards_) g_shards_->sync(student_params_, group_);
+  m["grad_norm_g"] =
+      update(loss, student_params_, *g_opt_, g_shards_, group_, recipe_.max_grad_norm);
 }
 
 std::map<std::string, double> PhaseTrainer::step(const TrainingBatch& batch,
@@ -391,12 +403,8 @@ void PhaseTrainer::adversarial_updates(const torch::Tensor& x_t, const torch::Te
     real_logits = nets_.discriminator_logits(real, t_d, context, f_t, conditional);
     fake_logits = nets_.discriminator_logits(fake.detach(), t_d, context, f_t, conditional);
     d_loss = discriminator_loss(real_logits, fake_logits);
-    zero_grads(disc_params_);
-    d_loss.backward();
-    group_.average_gradients(disc_params_);
-    m["grad_norm_d"] = clip(disc_params_, recipe_.max_grad_norm);
-    d_opt_->step();
-    if (d_shards_) d_shards_->sync(disc_params_, group_);
+    m["grad_norm_d"] =
+        update(d_loss, disc_params_, *d_opt_, d_shards_, group_, recipe_.max_grad_norm);
   }
   m["loss_d"] = d_loss.item<double>();
   m["d_real"] = torch::sigmoid(real_logits).mean().item<double>();

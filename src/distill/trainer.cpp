@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 
@@ -153,7 +154,7 @@ class MetricsLog {
 
 // The ranks' metrics averaged, and whether any rank was interrupted, so that every rank takes
 // the same decisions; each rank's compute time (without waiting on the others) is added as
-// rank<r>_compute_s. Returns whether to stop.
+// rank<r>_compute_s. Returns whether any rank was interrupted.
 bool agree_across_ranks(const dist::Group& group, std::map<std::string, double>& m,
                         bool interrupted, double compute_s) {
   if (group.size() == 1) return interrupted;
@@ -192,21 +193,33 @@ class DistillRun {
  private:
   void check_options();
   void create_run_directory();
-  void load_teacher();
-  // Reads the checkpoint's position when resuming; false when the run is complete already.
+  // Loads the recipe's teacher and checks the recipe against it (timesteps, memory).
+  void load_teacher_and_check_recipe();
+  // Reads the checkpoint's position when resuming and lists the stages finished before it;
+  // false when the run is complete already.
   bool read_position();
   void load_teacher_from(const std::string& model_dir);
-  // Returns false when the run stops here (interrupted, or at --until), after its checkpoint.
+  // Train from where the run stands. Both return false when the run stops there (interrupted,
+  // or at --until) with its checkpoint written; train_phase returns true at the stage's last
+  // iteration in any case, since the stage's end (samples, model, checkpoint) comes first.
   bool train_stage(size_t s);
   bool train_phase(size_t s, size_t p, StageNetworks& nets);
   void finish_stage(size_t s, StageNetworks& nets);
   DistillResult stopped();
   void log_metrics(size_t s, const Phase& phase, int64_t i, double lr, const Interval& interval);
   void write_samples(size_t s, StageNetworks& nets, int64_t step);
-  // A checkpoint inside a phase holds the trained state (`nets`, `trainer`); one at a stage's
-  // end only the position, since the next stage starts from the stage's saved model.
-  void write_checkpoint(size_t s, const std::string& phase, StageNetworks* nets,
-                        PhaseTrainer* trainer);
+  // A checkpoint inside a phase: the trained state (weights, adapters, moments, averages) and
+  // the position. Every rank takes part (data positions, sharded moments); rank 0 writes.
+  void write_checkpoint(size_t s, const std::string& phase, StageNetworks& nets,
+                        PhaseTrainer& trainer);
+  // A checkpoint at a stage's end: the position alone, since the next stage starts from the
+  // stage's saved model.
+  void write_position(size_t s, const std::string& phase);
+  // checkpoint/ replaced by one holding what `trained_state` writes (when set), the data
+  // positions and state.json.
+  void write_checkpoint_directory(size_t s, const std::string& phase,
+                                  const nlohmann::json& data_positions,
+                                  const std::function<void(const std::string& dir)>& trained_state);
   double elapsed_s() const {
     return elapsed_before_ +
            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
@@ -279,7 +292,7 @@ void DistillRun::create_run_directory() {
   fs::remove(probe, ec);
 }
 
-void DistillRun::load_teacher() {
+void DistillRun::load_teacher_and_check_recipe() {
   load_teacher_from(generate::resolve_model_dir(recipe_.teacher, options_.models_root));
   teacher_.text_encoder->eval();
   for (auto& p : teacher_.text_encoder->parameters())
@@ -338,7 +351,7 @@ bool DistillRun::read_position() {
 DistillResult DistillRun::run() {
   check_options();
   create_run_directory();
-  load_teacher();
+  load_teacher_and_check_recipe();
   if (main_ && !recipe_text_.empty())
     io::write_file_atomic((out_ / "recipe.toml").string(), recipe_text_);
   if (!read_position()) {
@@ -406,13 +419,14 @@ bool DistillRun::train_stage(size_t s) {
   if (s == start_.stage && options_.resume && g_ > stage_start(recipe_, s))
     nets.load_checkpoint(checkpoint_dir_, device_);
   for (size_t p = first_phase; p < phases.size(); ++p) {
+    reset_peak_memory(device_);  // the metrics' peak is the phase's, from its LoRA change on
     nets.begin_phase(phases[p], main_ ? (stage_dir(s) / "lora.safetensors").string() : "");
     if (!train_phase(s, p, nets)) return false;
   }
   // The last phase's optimiser state is gone: the stage's end needs the memory of the samples
   // and of the saved model only.
   finish_stage(s, nets);
-  if (options_.checkpoints) write_checkpoint(s, phases.back().name, nullptr, nullptr);
+  if (options_.checkpoints) write_position(s, phases.back().name);
   return !interrupted_ && !(g_ >= stop_ && g_ < total_);
 }
 
@@ -421,7 +435,6 @@ bool DistillRun::train_phase(size_t s, size_t p, StageNetworks& nets) {
   const auto phase = stage.phases()[p];
   const bool last_phase = p + 1 == stage.phases().size();
   const int64_t i0 = s == start_.stage && p == start_.phase ? start_.iteration : 0;
-  reset_peak_memory(device_);  // the metrics' peak is the phase's
   PhaseTrainer trainer(recipe_, s, p, nets, *schedule_, group_, batches_->rows(), checkpoint_dir_,
                        options_.resume ? i0 : 0);
   Interval interval;
@@ -462,7 +475,7 @@ bool DistillRun::train_phase(size_t s, size_t p, StageNetworks& nets) {
     if (phase_done && last_phase) return true;
     if (g_ % recipe_.sample_every == 0) write_samples(s, nets, g_);
     if (options_.checkpoints && (g_ % recipe_.checkpoint_every == 0 || g_ == stop_ || interrupted_))
-      write_checkpoint(s, phase.name, &nets, &trainer);
+      write_checkpoint(s, phase.name, nets, trainer);
     if (interrupted_) return false;
   }
   return !(g_ >= stop_ && g_ < total_);
@@ -532,21 +545,29 @@ void DistillRun::write_samples(size_t s, StageNetworks& nets, int64_t step) {
                                   s + 1, stage.name, step, stage.student_steps)}});
 }
 
-void DistillRun::write_checkpoint(size_t s, const std::string& phase, StageNetworks* nets,
-                                  PhaseTrainer* trainer) {
-  // Every rank takes part (data positions, sharded moments); rank 0 writes.
+void DistillRun::write_checkpoint(size_t s, const std::string& phase, StageNetworks& nets,
+                                  PhaseTrainer& trainer) {
   const auto data_positions = batches_->gather_positions(group_);
-  std::optional<PhaseTrainer::State> state;
-  if (trainer) state = trainer->gather_state();
+  const auto state = trainer.gather_state();
+  write_checkpoint_directory(s, phase, data_positions, [&](const std::string& dir) {
+    nets.save_checkpoint(dir);
+    if (!state.average.empty())
+      io::save_safetensors(dir + "/student_ema.safetensors", state.average);
+    io::save_safetensors(dir + "/student_optimizer.safetensors", state.student_adam);
+    io::save_safetensors(dir + "/discriminator_optimizer.safetensors", state.discriminator_adam);
+  });
+}
+
+void DistillRun::write_position(size_t s, const std::string& phase) {
+  write_checkpoint_directory(s, phase, batches_->gather_positions(group_), {});
+}
+
+void DistillRun::write_checkpoint_directory(
+    size_t s, const std::string& phase, const nlohmann::json& data_positions,
+    const std::function<void(const std::string& dir)>& trained_state) {
   if (!main_) return;
   io::write_directory_atomic(checkpoint_dir_.string(), [&](const std::string& tmp) {
-    if (nets) nets->save_checkpoint(tmp);
-    if (state) {
-      if (!state->average.empty())
-        io::save_safetensors(tmp + "/student_ema.safetensors", state->average);
-      io::save_safetensors(tmp + "/student_optimizer.safetensors", state->student_adam);
-      io::save_safetensors(tmp + "/discriminator_optimizer.safetensors", state->discriminator_adam);
-    }
+    if (trained_state) trained_state(tmp);
     if (!data_positions.is_null())
       io::write_json_file(tmp + "/data.json", {{"ranks", data_positions}});
     io::write_json_file(tmp + "/state.json", {{"iteration", g_},
