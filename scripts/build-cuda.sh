@@ -4,7 +4,8 @@
 # the system (scripts/setup.sh installs them on Debian) or from DEPS_PREFIX.
 #   scripts/build-cuda.sh                          # then: build-cuda/lightning generate --device cuda
 #   PYTHON=/opt/venv/bin/python3 DEPS_PREFIX=/opt/deps/usr scripts/build-cuda.sh -DLIGHTNING_TESTS=ON
-# Extra arguments go to cmake's configure step; TARGET (default lightning) picks what to build.
+# Extra arguments go to cmake's configure step; TARGET (default lightning) picks what to build
+# (several: "lightning lightning_tests").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -30,4 +31,5 @@ cmake -S . -B build-cuda "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="${torch_prefix}${DEPS_PREFIX:+;$DEPS_PREFIX}" \
   ${nccl_root:+-DNCCL_ROOT="$nccl_root"} ${nccl_version:+-DNCCL_EXPECTED_VERSION="$nccl_version"} \
   -DLIGHTNING_TESTS=OFF "$@"
-cmake --build build-cuda -j"$(nproc)" --target "${TARGET:-lightning}"
+read -ra targets <<<"${TARGET:-lightning}"  # one or more, space-separated
+cmake --build build-cuda -j"$(nproc)" --target "${targets[@]}"
