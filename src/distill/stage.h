@@ -78,7 +78,6 @@ class StageNetworks {
     return teacher_.scheduler.prediction_type;
   }
   models::UNet2DConditionModel& student() { return student_; }
-  bool has_discriminator() const { return !disc_.is_empty(); }
 
  private:
   void save_and_merge_lora(const std::string& kohya_path);

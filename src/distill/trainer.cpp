@@ -198,6 +198,7 @@ class DistillRun {
   // Reads the checkpoint's position when resuming and lists the stages finished before it;
   // false when the run is complete already.
   bool read_position();
+  // Makes `model_dir` the teacher (the old one's UNet freed first), its text encoder frozen.
   void load_teacher_from(const std::string& model_dir);
   // Train from where the run stands. Both return false when the run stops there (interrupted,
   // or at --until) with its checkpoint written; train_phase returns true at the stage's last
@@ -294,9 +295,6 @@ void DistillRun::create_run_directory() {
 
 void DistillRun::load_teacher_and_check_recipe() {
   load_teacher_from(generate::resolve_model_dir(recipe_.teacher, options_.models_root));
-  teacher_.text_encoder->eval();
-  for (auto& p : teacher_.text_encoder->parameters())
-    p.set_requires_grad(false);
   if (const auto memory = check_phase_memory(recipe_, teacher_, device_); memory.exceeds())
     spdlog::warn(
         "distill: {}: expect it to run out (docs/benchmarks.md gives each phase's share; "
@@ -323,7 +321,11 @@ void DistillRun::load_teacher_and_check_recipe() {
 }
 
 void DistillRun::load_teacher_from(const std::string& model_dir) {
+  teacher_.unet = nullptr;  // the old teacher's UNet goes before the new one comes
   teacher_ = generate::load_model(model_dir, load_options_);
+  teacher_.text_encoder->eval();  // frozen: captions are encoded without gradients
+  for (auto& p : teacher_.text_encoder->parameters())
+    p.set_requires_grad(false);
   if (options_.teacher_loaded) options_.teacher_loaded(model_dir);
 }
 
@@ -362,11 +364,7 @@ DistillResult DistillRun::run() {
   batches_.emplace(recipe_, teacher_, group_, device_,
                    options_.resume && g_ > 0 ? (checkpoint_dir_ / "data.json").string() : "");
   // The last finished stage's student is the teacher.
-  if (start_.stage > 0) {
-    teacher_.unet = nullptr;
-    load_teacher_from(result_.model_dirs.back());
-    teacher_.text_encoder->eval();
-  }
+  if (start_.stage > 0) load_teacher_from(result_.model_dirs.back());
   if (main_) metrics_.emplace(out_, kept_metrics_);
   kept_metrics_.clear();
   // Images too small for a stage's discriminator head: refused now, not when its phase begins.
@@ -383,9 +381,7 @@ DistillResult DistillRun::run() {
     // every rank reads rank 0's files, so the run directory is shared by all ranks).
     group_.barrier();
     if (s + 1 == recipe_.stages.size()) break;
-    teacher_.unet = nullptr;  // the stage's networks are gone already
-    load_teacher_from(result_.model_dirs.back());
-    teacher_.text_encoder->eval();
+    load_teacher_from(result_.model_dirs.back());  // the stage's networks are gone already
   }
   if (bar_) bar_->finish();
   result_.iterations = g_;
