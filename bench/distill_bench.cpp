@@ -168,7 +168,7 @@ std::vector<DistillBenchRow> run_distill_bench(
   // pipelines (7 GB each in f16) instead of six. Never a --distill DIR, wherever it is.
   const auto run_dir = fs::weakly_canonical(run.out_dir);
   const auto random_teacher = preset ? fs::weakly_canonical(teacher_dir) : fs::path();
-  run.teacher_loaded = [&](const std::string& dir) {
+  run.teacher_loaded = [&](const std::string& dir, const generate::TextToImageModel&) {
     const auto path = fs::weakly_canonical(dir);
     const auto [end, _] = std::mismatch(run_dir.begin(), run_dir.end(), path.begin(), path.end());
     if (path != random_teacher && (end != run_dir.end() || path == run_dir)) return;
@@ -178,9 +178,10 @@ std::vector<DistillBenchRow> run_distill_bench(
   };
   progress(fmt::format(
       "distilling: {} stage(s), {} iteration(s) per phase, {}x{}, batch {}, {}, mixed precision "
-      "{}, gradient checkpointing {}",
+      "{}, gradient checkpointing {}, frozen weights in {}",
       recipe.stages.size(), options.iterations, resolution, resolution, options.batch,
-      options.device, recipe.mixed_precision, recipe.gradient_checkpointing ? "on" : "off"));
+      options.device, recipe.mixed_precision, recipe.gradient_checkpointing ? "on" : "off",
+      recipe.frozen_weights_dtype));
   distill::run_distillation(recipe, run);
 
   // One row per phase from the metrics (a line per iteration).

@@ -221,7 +221,7 @@ std::vector<BenchRow> run_unet_bench(const UNetBenchOptions& options,
         for (auto& p : unet->parameters())
           p.set_requires_grad(false);
         models::attach_lora(*unet, {options.lora_rank, static_cast<double>(options.lora_rank),
-                                    models::LoRAConfig{}.exclude});
+                                    models::LoRAConfig{}.exclude, std::nullopt});
         unet->train();
       }
       for (const auto latent : latents) {

@@ -84,6 +84,9 @@ TEST(DistillRecipe, RefusesBadRecipesNamingTheKey) {
             std::string::npos);
   EXPECT_NE(error_of(std::string(kHead) + stage + "loss = \"gan\"\n").find("loss"),
             std::string::npos);
+  EXPECT_NE(error_of(std::string(kHead) + "[train]\nfrozen_weights_dtype = \"f8\"\n" + stage)
+                .find("key 'frozen_weights_dtype': 'f8' is not one of f32, f16, bf16"),
+            std::string::npos);
   EXPECT_NE(error_of("task = \"distill\"\n" + stage).find("model"), std::string::npos);
   EXPECT_NE(error_of(std::string(kHead)).find("stages"), std::string::npos);
 
@@ -236,6 +239,46 @@ TEST(Distill, QuickRecipeWritesEveryOutputAndResumesExactly) {
   }
   // A finished run resumes to nothing.
   EXPECT_EQ(distill::run_distillation(recipe, second).model_dirs.size(), 3u);
+}
+
+// frozen_weights_dtype = "f16": the teacher (and the LoRA student's base, which shares it) stays
+// in the f16 of its files, converted layer by layer as it computes; whatever trains is float32.
+// With this f16 teacher that is the float32 run exactly: every stage's model and the LoRA file
+// bit for bit.
+TEST(Distill, HalfPrecisionFrozenWeightsGiveTheFloat32RunOfAnF16Teacher) {
+  auto recipe = distill::DistillRecipe::load(test::source_path("recipes/quick-distill.toml"));
+  ASSERT_EQ(io::SafetensorsFile(
+                test::source_path("models/fmnist-teacher/unet/diffusion_pytorch_model.safetensors"))
+                .get("conv_in.weight")
+                .scalar_type(),
+            torch::kHalf);
+  const auto dir = test::temp_dir();
+  const auto wide = distill::run_distillation(recipe, options_for(dir + "/f32"));
+  recipe.frozen_weights_dtype = "f16";
+  auto options = options_for(dir + "/f16");
+  std::vector<torch::ScalarType> held;  // each stage's teacher: its UNet's, text encoder's
+  options.teacher_loaded = [&](const std::string&, const generate::TextToImageModel& teacher) {
+    held.push_back(teacher.unet->conv_in->weight.scalar_type());
+    held.push_back(teacher.text_encoder->parameters().front().scalar_type());
+  };
+  const auto half = distill::run_distillation(recipe, options);
+  ASSERT_EQ(half.model_dirs.size(), 3u);
+  EXPECT_EQ(held, std::vector<torch::ScalarType>(6, torch::kHalf));
+  for (size_t s = 0; s < 3; ++s) {
+    const auto a =
+        io::load_safetensors(wide.model_dirs[s] + "/unet/diffusion_pytorch_model.safetensors");
+    const auto b =
+        io::load_safetensors(half.model_dirs[s] + "/unet/diffusion_pytorch_model.safetensors");
+    ASSERT_EQ(a.size(), b.size());
+    for (const auto& [name, t] : a)
+      ASSERT_TRUE(torch::equal(t, b.at(name))) << "stage " << s + 1 << " " << name;
+  }
+  const auto lora_a = io::load_safetensors(dir + "/f32/stage-2-4-to-2/lora.safetensors");
+  const auto lora_b = io::load_safetensors(dir + "/f16/stage-2-4-to-2/lora.safetensors");
+  for (const auto& [name, t] : lora_a) {
+    EXPECT_EQ(lora_b.at(name).scalar_type(), torch::kFloat32) << name;
+    ASSERT_TRUE(torch::equal(t, lora_b.at(name))) << name;
+  }
 }
 
 // What must hold when it learns. MSE stage: the guided teacher's 8 steps distilled into 4

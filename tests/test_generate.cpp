@@ -184,7 +184,8 @@ TEST(Cli, GenerateAppliesKohyaLoRAsWithAScale) {
   {  // A random LoRA for the shipped teacher's UNet, in kohya format.
     auto model = generate::load_model(test::source_path("models/fmnist-teacher"), {});
     torch::manual_seed(5);
-    models::attach_lora(*model.unet, {4, 4, {"conv_in", "conv_out", "time_embedding"}});
+    models::attach_lora(*model.unet,
+                        {4, 4, {"conv_in", "conv_out", "time_embedding"}, std::nullopt});
     torch::NoGradGuard no_grad;
     for (auto& [name, t] : models::lora_parameters(*model.unet))
       if (name.find("lora_up") != std::string::npos) t.normal_(0, 0.2);

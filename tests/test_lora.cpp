@@ -118,7 +118,7 @@ TEST(LoRAFile, MultiplierScalesAndPeftKeysApply) {
   torch::manual_seed(0);
   UNet2DConditionModel unet(config);
   auto base = std::dynamic_pointer_cast<UNet2DConditionModelImpl>(unet->clone());
-  attach_lora(*unet, {2, 2, {"conv_in", "conv_out", "time_embedding"}});
+  attach_lora(*unet, {2, 2, {"conv_in", "conv_out", "time_embedding"}, std::nullopt});
   randomize_adapters(*unet);
   torch::NoGradGuard no_grad;
   const auto in = inputs_for(config);
@@ -189,7 +189,7 @@ TEST(LoRAFile, RefusesWhatDoesNotFitAndChangesNothing) {
   io::save_safetensors(dir + "/half.safetensors",
                        {{"lora_unet_conv_in.lora_down.weight", torch::randn({2, 4, 3, 3})}});
   EXPECT_THROW(read_lora_file(dir + "/half.safetensors"), Error);
-  EXPECT_THROW(attach_lora(*unet, {0, 1, {}}), Error);
+  EXPECT_THROW(attach_lora(*unet, {0, 1, {}, std::nullopt}), Error);
 }
 
 TEST(LoRATraining, GradientsReachOnlyTheAdapters) {
@@ -198,7 +198,7 @@ TEST(LoRATraining, GradientsReachOnlyTheAdapters) {
   UNet2DConditionModel unet(config);
   for (auto& p : unet->parameters())
     p.set_requires_grad(false);
-  attach_lora(*unet, {4, 4, {"conv_in", "conv_out", "time_embedding"}});
+  attach_lora(*unet, {4, 4, {"conv_in", "conv_out", "time_embedding"}, std::nullopt});
   const auto params = lora_parameters(*unet);
   unet->forward(inputs_for(config)).square().mean().backward();
   for (auto& p : unet->parameters())

@@ -91,7 +91,7 @@ TEST(GradientCheckpointing, SameGradientsAsThePlainBackwardPass) {
   for (auto& p : unet->parameters())
     p.set_requires_grad(false);
   torch::manual_seed(1);
-  models::attach_lora(*unet, {4, 4, models::LoRAConfig{}.exclude});
+  models::attach_lora(*unet, {4, 4, models::LoRAConfig{}.exclude, std::nullopt});
   {
     torch::NoGradGuard no_grad;
     for (auto& [name, t] : models::lora_parameters(*unet))
@@ -165,7 +165,7 @@ TEST(LoRAStudent, SharesTheTeachersWeightsAndLeavesThemUnchanged) {
   }
 
   torch::manual_seed(1);
-  models::attach_lora(*student, {4, 4, models::LoRAConfig{}.exclude});
+  models::attach_lora(*student, {4, 4, models::LoRAConfig{}.exclude, std::nullopt});
   EXPECT_EQ(models::count_lora(*teacher), 0u);
   const auto lora = lora_tensors(*student);
   torch::optim::Adam opt(lora, torch::optim::AdamOptions(1e-2));
@@ -439,14 +439,16 @@ TEST(SdxlLightningRecipe, MemoryEstimateOfEachPhase) {
         generate::load_model(test::source_path("tests/fixtures/sdxl/tiny-sdxl-pipeline"), {});
     const auto phases = distill::estimate_phase_memory(recipe, tiny);
     ASSERT_EQ(phases.size(), 14u);
-    const double frozen = 4 * (count(*tiny.unet) + count(*tiny.text_encoder) +
+    // The recipe holds frozen weights in f16: 2 bytes each.
+    ASSERT_EQ(recipe.frozen_weights_dtype, "f16");
+    const double frozen = 2 * (count(*tiny.unet) + count(*tiny.text_encoder) +
                                count(*tiny.text_encoder_2) + count(*tiny.vae));
     const auto& stage = recipe.stages[1];
     models::Discriminator disc(tiny.unet->config, stage.head);
     auto student = models::UNet2DConditionModel(
         std::dynamic_pointer_cast<models::UNet2DConditionModelImpl>(tiny.unet->clone()));
-    models::attach_lora(*student,
-                        {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude});
+    models::attach_lora(
+        *student, {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude, std::nullopt});
     double lora = 0;
     for (const auto& [name, t] : models::lora_parameters(*student))
       lora += static_cast<double>(t.numel());
@@ -467,10 +469,18 @@ TEST(SdxlLightningRecipe, MemoryEstimateOfEachPhase) {
   sdxl.vae = models::make_vae_uninitialised(models::VAEConfig::sdxl());
   const auto phases = distill::estimate_phase_memory(recipe, sdxl);
   ASSERT_EQ(phases.size(), 14u);
-  EXPECT_NEAR(phases[0].bytes / 1e9, 55.0, 0.1);   // stage 1 mse
-  EXPECT_NEAR(phases[1].bytes / 1e9, 37.9, 0.1);   // stage 2 conditional (LoRA)
-  EXPECT_NEAR(phases[3].bytes / 1e9, 75.9, 0.1);   // stage 2 full
-  EXPECT_NEAR(phases[10].bytes / 1e9, 22.2, 0.1);  // stage 5 x0_warmup
+  EXPECT_NEAR(phases[0].bytes / 1e9, 48.0, 0.1);   // stage 1 mse
+  EXPECT_NEAR(phases[1].bytes / 1e9, 31.0, 0.1);   // stage 2 conditional (LoRA)
+  EXPECT_NEAR(phases[3].bytes / 1e9, 69.0, 0.1);   // stage 2 full
+  EXPECT_NEAR(phases[10].bytes / 1e9, 15.3, 0.1);  // stage 5 x0_warmup
+  // The same recipe with float32 frozen weights.
+  auto f32 = recipe;
+  f32.frozen_weights_dtype = "f32";
+  const auto wide = distill::estimate_phase_memory(f32, sdxl);
+  EXPECT_NEAR(wide[0].bytes / 1e9, 55.0, 0.1);
+  EXPECT_NEAR(wide[1].bytes / 1e9, 37.9, 0.1);
+  EXPECT_NEAR(wide[3].bytes / 1e9, 75.9, 0.1);
+  EXPECT_NEAR(wide[10].bytes / 1e9, 22.2, 0.1);
 }
 
 // The start-up check names whose memory a phase exceeds: this machine's (with its swap), or the

@@ -204,6 +204,32 @@ TEST(UNetLoading, F32WeightsAreViewsOfTheMappedFile) {
             weights.get("down_blocks.0.attentions.0.proj_in.weight").data_ptr());
 }
 
+// Held in f16 (weights_dtype), an f32 checkpoint's weights must fit f16's range: one that does
+// not is named, never silently made inf.
+TEST(UNetLoading, WeightsBeyondFloat16sRangeAreNamed) {
+  const auto src = test::source_path("tests/fixtures/unet/tiny-sd15");  // stored as f32
+  const auto dir = test::temp_dir() + "/big";
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(src + "/config.json", dir + "/config.json");
+  auto tensors = io::load_safetensors(src + "/diffusion_pytorch_model.safetensors");
+  std::vector<std::pair<std::string, torch::Tensor>> named(tensors.begin(), tensors.end());
+  io::save_safetensors(dir + "/diffusion_pytorch_model.safetensors", named);
+  const models::ModelLoadOptions half{torch::kFloat32, torch::kCPU, "", torch::kHalf};
+  EXPECT_EQ(models::load_unet(dir, half)->conv_in->weight.scalar_type(), torch::kHalf);
+  for (auto& [name, t] : named)
+    if (name == "conv_out.bias") t = t.clone().fill_(1e5);
+  io::save_safetensors(dir + "/diffusion_pytorch_model.safetensors", named);
+  try {
+    models::load_unet(dir, half);
+    FAIL() << "accepted a weight beyond f16's range";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("weight 'conv_out.bias' in " + dir +
+                                    "/diffusion_pytorch_model.safetensors holds values beyond "
+                                    "float16's range (|x| up to 100000): load it in bf16 or f32"));
+  }
+  EXPECT_EQ(models::load_unet(dir, {})->conv_out->bias[0].item<float>(), 1e5f);
+}
+
 TEST(UNetLoading, F16FileConvertsToComputeType) {
   const auto dir = test::source_path("tests/fixtures/unet/tiny-sdxl");  // stored as f16
   io::SafetensorsFile file(dir + "/diffusion_pytorch_model.safetensors");

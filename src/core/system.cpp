@@ -56,6 +56,10 @@ void tune_allocator() {
   mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
 }
 
+void release_free_heap() {
+  malloc_trim(0);
+}
+
 namespace {
 // A "Field:  123 kB" line of a /proc file, in KiB; 0 when absent.
 int64_t proc_kib(const char* file, const char* field) {
@@ -146,7 +150,7 @@ void reset_peak_memory(const c10::Device& device) {
   if (device.is_cuda()) {
     reset_cuda_peak(device.has_index() ? device.index() : 0);
   } else {
-    malloc_trim(0);  // free heap pages the allocator keeps (tune_allocator) stop counting
+    release_free_heap();  // heap pages the allocator keeps (tune_allocator) stop counting
     reset_peak_rss();
   }
 }

@@ -25,6 +25,9 @@ bool cpu_has_avx512_bf16();
 // went from 21.9 s to 18.6 s on the project machine with these settings given through
 // GLIBC_TUNABLES (docs/benchmarks.md). Called once by the CLI.
 void tune_allocator();
+// Returns the free pages of the heap that tune_allocator keeps to the kernel (malloc_trim):
+// after a large free that nothing will reuse soon.
+void release_free_heap();
 
 // Resident set size now and its high-water mark, in bytes (/proc/self/status VmRSS, VmHWM).
 int64_t current_rss_bytes();

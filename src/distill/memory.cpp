@@ -10,6 +10,12 @@
 
 namespace lightning::distill {
 
+std::optional<c10::ScalarType> frozen_weights_dtype(const DistillRecipe& recipe) {
+  if (recipe.frozen_weights_dtype == "f16") return torch::kHalf;
+  if (recipe.frozen_weights_dtype == "bf16") return torch::kBFloat16;
+  return std::nullopt;
+}
+
 std::vector<PhaseMemory> estimate_phase_memory(const DistillRecipe& recipe,
                                                const generate::TextToImageModel& teacher) {
   // Bytes and parameters of a module; `encoder_only`: without a UNet's up path (what the
@@ -27,11 +33,18 @@ std::vector<PhaseMemory> estimate_phase_memory(const DistillRecipe& recipe,
     }
     return std::pair{bytes, params};
   };
-  const auto [unet_bytes, unet_params] = size_of(*teacher.unet);
+  // Frozen weights as the recipe holds them (the teacher given may hold them otherwise).
+  const auto frozen_dtype = frozen_weights_dtype(recipe);
+  auto frozen_bytes = [&](const std::pair<double, double>& size) {
+    return frozen_dtype ? size.second * static_cast<double>(c10::elementSize(*frozen_dtype))
+                        : size.first;
+  };
+  const auto unet_size = size_of(*teacher.unet);
+  const double unet_bytes = frozen_bytes(unet_size), unet_params = unet_size.second;
   const double backbone_params = size_of(*teacher.unet, /*encoder_only=*/true).second;
   double other = 0;  // text encoders and VAE, frozen (a pixel model has no VAE or second encoder)
   auto add_frozen = [&](const auto& holder) {
-    if (!holder.is_empty()) other += size_of(*holder).first;
+    if (!holder.is_empty()) other += frozen_bytes(size_of(*holder));
   };
   add_frozen(teacher.text_encoder);
   add_frozen(teacher.text_encoder_2);
@@ -53,7 +66,7 @@ std::vector<PhaseMemory> estimate_phase_memory(const DistillRecipe& recipe,
     if (stage.lora_rank > 0)
       lora_params = static_cast<double>(models::count_lora_parameters(
           *teacher.unet.ptr(), {stage.lora_rank, stage.lora_alpha > 0 ? stage.lora_alpha : 1.0,
-                                models::LoRAConfig{}.exclude}));
+                                models::LoRAConfig{}.exclude, std::nullopt}));
     for (const auto& phase : stage.phases()) {
       double bytes = unet_bytes + other;                              // the teacher
       const double student = phase.lora ? lora_params : unet_params;  // what the student trains

@@ -3,10 +3,12 @@
 // table of docs/benchmarks.md.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
 #include "distill/recipe.h"
 
@@ -16,10 +18,15 @@ struct TextToImageModel;
 
 namespace lightning::distill {
 
-// What a phase holds in weights and optimiser state, before activations: frozen tensors at
-// their element size, trained float32 parameters at 16 bytes each (weights, gradients, Adam's
-// two moments). A stage with adversarial phases holds its discriminator throughout (trained
-// only in those phases); a LoRA phase's student shares the teacher's weights.
+// The dtype the recipe holds its frozen weights in (ModelLoadOptions::weights_dtype): unset for
+// "f32".
+std::optional<c10::ScalarType> frozen_weights_dtype(const DistillRecipe& recipe);
+
+// What a phase holds in weights and optimiser state, before activations: frozen tensors in the
+// recipe's frozen_weights_dtype (for "f32": at their element size), trained float32 parameters at
+// 16 bytes each (weights, gradients, Adam's two moments). A stage with adversarial phases holds its
+// discriminator throughout (trained only in those phases); a LoRA phase's student shares the
+// teacher's weights.
 struct PhaseMemory {
   size_t stage = 0;  // index into recipe.stages
   std::string phase;

@@ -263,6 +263,11 @@ DistillRecipe DistillRecipe::from_json(const nlohmann::json& json, const std::st
       t.fail_key("mixed_precision",
                  fmt::format("'{}' is not one of no, bf16 (fp16 would need loss scaling)",
                              r.mixed_precision));
+    r.frozen_weights_dtype = t.get_string("frozen_weights_dtype", r.frozen_weights_dtype);
+    if (r.frozen_weights_dtype != "f32" && r.frozen_weights_dtype != "f16" &&
+        r.frozen_weights_dtype != "bf16")
+      t.fail_key("frozen_weights_dtype",
+                 fmt::format("'{}' is not one of f32, f16, bf16", r.frozen_weights_dtype));
     if (r.batch_size < 1)
       t.fail_key("batch_size", fmt::format("must be >= 1, got {}", r.batch_size));
     t.refuse_unknown_keys();

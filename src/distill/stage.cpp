@@ -90,8 +90,18 @@ std::unique_ptr<torch::optim::Adam> make_adam(const NamedTensors& params, double
       values(params), torch::optim::AdamOptions(lr).betas({beta1, beta2}).eps(1e-8));
 }
 
+// Adapters train in float32 whatever the dtype of the frozen weights below them.
 models::LoRAConfig lora_config(const StageRecipe& stage) {
-  return {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude};
+  return {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude, torch::kFloat32};
+}
+
+// What the student trains is float32, also where the teacher's weights are held narrower
+// (frozen_weights_dtype): a no-op for float32 parameters.
+void float32_parameters(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters(true))
+    if (p.is_floating_point() && p.scalar_type() != torch::kFloat32)
+      p.set_data(p.detach().to(torch::kFloat32));
 }
 
 }  // namespace
@@ -114,6 +124,7 @@ StageNetworks::StageNetworks(const DistillRecipe& recipe, size_t stage, size_t f
   } else {
     student_ = models::UNet2DConditionModel(
         std::dynamic_pointer_cast<models::UNet2DConditionModelImpl>(teacher_.unet->clone()));
+    float32_parameters(*student_);
     for (auto& p : student_->parameters())
       p.set_requires_grad(true);
   }
@@ -158,10 +169,6 @@ void StageNetworks::begin_phase(const Phase& phase, const std::string& kohya_pat
     }
   } else if (lora_attached_) {  // the full phase: keep the LoRA, merge it, train everything
     save_and_merge_lora(kohya_path);
-    if (shares_teacher_) {  // from here the student's weights diverge from the teacher's
-      train::own_weights(*student_);
-      shares_teacher_ = false;
-    }
     for (auto& p : student_->parameters())
       p.set_requires_grad(true);
   }
@@ -169,7 +176,7 @@ void StageNetworks::begin_phase(const Phase& phase, const std::string& kohya_pat
 
 void StageNetworks::end_training(const std::string& kohya_path) {
   drop_grads(*student_);
-  if (disc_) drop_grads(*disc_);
+  disc_ = models::Discriminator(nullptr);  // nothing after training uses it
   if (lora_attached_) save_and_merge_lora(kohya_path);
 }
 
@@ -180,6 +187,12 @@ void StageNetworks::save_and_merge_lora(const std::string& kohya_path) {
                             {{"ss_network_dim", std::to_string(stage_.lora_rank)},
                              {"ss_network_alpha", fmt::format("{:g}", stage_.lora_alpha)},
                              {"lightning_stage", stage_.name}});
+  }
+  // From here the student's weights diverge from the teacher's: its own, in float32, before the
+  // LoRA is merged into them.
+  if (shares_teacher_) {
+    train::own_weights(*student_, torch::kFloat32);
+    shares_teacher_ = false;
   }
   models::merge_lora(*student_);
   lora_attached_ = false;

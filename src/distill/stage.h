@@ -47,7 +47,7 @@ class StageNetworks {
   // (once); a full phase after LoRA phases saves the adapters (kohya format) to `kohya_path`
   // (skipped when empty: ranks other than 0), merges them and trains every weight.
   void begin_phase(const Phase& phase, const std::string& kohya_path);
-  // The stage's training is over: gradients go (a UNet's and a discriminator's worth), adapters
+  // The stage's training is over: the student's gradients and the discriminator go, adapters
   // still attached are saved and merged as by begin_phase.
   void end_training(const std::string& kohya_path);
 

@@ -187,6 +187,7 @@ class DistillRun {
         total_(recipe.total_iterations()),
         device_(options.device) {
     load_options_.device = device_;
+    load_options_.weights_dtype = frozen_weights_dtype(recipe);
   }
   DistillResult run();
 
@@ -326,7 +327,7 @@ void DistillRun::load_teacher_from(const std::string& model_dir) {
   teacher_.text_encoder->eval();  // frozen: captions are encoded without gradients
   for (auto& p : teacher_.text_encoder->parameters())
     p.set_requires_grad(false);
-  if (options_.teacher_loaded) options_.teacher_loaded(model_dir);
+  if (options_.teacher_loaded) options_.teacher_loaded(model_dir, teacher_);
 }
 
 bool DistillRun::read_position() {
@@ -481,6 +482,9 @@ void DistillRun::finish_stage(size_t s, StageNetworks& nets) {
   const auto& stage = recipe_.stages[s];
   const auto dir = stage_dir(s);
   nets.end_training(main_ ? (dir / "lora.safetensors").string() : "");
+  // The phase's optimiser state and gradients are gone (SDXL: about 46 GB), and the next stage
+  // holds other tensors: the heap that held them goes back to the system.
+  if (device_.is_cpu()) release_free_heap();
   write_samples(s, nets, g_);
   nets.student()->eval();
   if (main_) generate::save_model(nets.student_model(), (dir / "model").string(), torch::kFloat16);

@@ -57,10 +57,12 @@ struct DistillOptions {
   // false: no checkpoint/ is written (the dry-run benchmark, whose SDXL checkpoints would be
   // tens of GB); such a run cannot be resumed.
   bool checkpoints = true;
-  // Called with each teacher's directory once it is loaded: the recipe's teacher, then each
-  // finished stage's model as the next stage's teacher. The dry-run benchmark deletes them
-  // there, so that its disk holds about one SDXL pipeline at a time instead of six.
-  std::function<void(const std::string& dir)> teacher_loaded;
+  // Called with each teacher's directory and model once it is loaded: the recipe's teacher,
+  // then each finished stage's model as the next stage's teacher. The dry-run benchmark deletes
+  // the directories there, so that its disk holds about one SDXL pipeline at a time instead of
+  // six.
+  std::function<void(const std::string& dir, const generate::TextToImageModel& teacher)>
+      teacher_loaded;
 };
 
 struct DistillResult {

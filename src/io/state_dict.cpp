@@ -116,7 +116,15 @@ void load_weights(torch::nn::Module& module, const WeightSource& weights,
     if (source.scalar_type() == dtype && source.device() == options.device) {
       tensor.set_data(source);  // a view of the mapping: no copy
     } else {
-      tensor.set_data(source.to(options.device, dtype));
+      auto converted = source.to(options.device, dtype);
+      // float16 holds magnitudes up to 65504: a wider weight beyond it would become inf.
+      if (dtype == torch::kHalf && source.scalar_type() != torch::kHalf &&
+          converted.isinf().any().item<bool>() && !source.isinf().any().item<bool>())
+        fail(
+            "{}: weight '{}' in {} holds values beyond float16's range (|x| up to {:g}): load it "
+            "in bf16 or f32",
+            what, name, weights.describe(), source.abs().max().item<double>());
+      tensor.set_data(converted);
       source = torch::Tensor();
       weights.release(name);
     }

@@ -103,7 +103,7 @@ size_t attach_lora(torch::nn::Module& module, const LoRAConfig& config) {
   for (auto& layer : linear_and_conv_layers(module)) {
     if (excluded(layer, config)) continue;
     const auto& w = layer.weight();
-    auto options = w.options();
+    auto options = w.options().dtype(config.dtype.value_or(w.scalar_type()));
     auto adapter = std::make_shared<nn::LowRankAdapter>();
     if (layer.linear) {
       adapter->down = torch::empty({config.rank, layer.in_features()}, options);

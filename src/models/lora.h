@@ -51,14 +51,18 @@ struct LoRAConfig {
   // The default is METHOD.md §4: the UNet's input and output convolutions and the
   // time-embedding linears (SDXL's add_embedding included).
   std::vector<std::string> exclude = {"conv_in", "conv_out", "time_embedding", "add_embedding"};
+  // The adapters' dtype; unset: each layer weight's. Trained adapters on half-precision frozen
+  // weights are float32.
+  std::optional<torch::ScalarType> dtype;
 };
 
 // Whether `path` is `entry` or lies below it.
 bool path_matches(const std::string& path, const std::string& entry);
 
-// Attaches a fresh adapter (down kaiming-uniform from torch's global generator, up zero; in the
-// layer weight's dtype and device, requires_grad) to every Linear and Conv2d not excluded.
-// Replaces existing adapters. Returns the number attached. Throws Error for rank < 1.
+// Attaches a fresh adapter (down kaiming-uniform from torch's global generator, up zero; in
+// config.dtype or the layer weight's dtype, on its device, requires_grad) to every Linear and
+// Conv2d not excluded. Replaces existing adapters. Returns the number attached. Throws Error for
+// rank < 1.
 size_t attach_lora(torch::nn::Module& module, const LoRAConfig& config);
 
 // The attached adapters' tensors by name: "<path>.lora_down.weight" and "<path>.lora_up.weight"

@@ -233,10 +233,14 @@ models::UNet2DConditionModel unet_sharing_weights(const models::UNet2DConditionM
   return unet;
 }
 
-void own_weights(torch::nn::Module& module) {
+void own_weights(torch::nn::Module& module, std::optional<torch::ScalarType> dtype) {
   torch::NoGradGuard no_grad;
-  for (auto& p : module.parameters(true))
-    p.set_data(p.detach().clone());
+  for (auto& p : module.parameters(true)) {
+    if (dtype && p.is_floating_point() && p.scalar_type() != *dtype)
+      p.set_data(p.detach().to(*dtype));
+    else
+      p.set_data(p.detach().clone());
+  }
   for (auto& b : module.buffers(true))
     b.set_data(b.detach().clone());
 }

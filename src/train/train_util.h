@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -96,8 +97,9 @@ void write_curves_png(const std::vector<Curve>& curves, const std::string& path,
 // fresh tensors are never touched (never resident) before they are dropped.
 models::UNet2DConditionModel unet_sharing_weights(const models::UNet2DConditionModel& base);
 // Gives every parameter and buffer of `module` its own storage (a copy): a sharing UNet before
-// its weights may change.
-void own_weights(torch::nn::Module& module);
+// its weights may change. With `dtype`, the floating-point parameters are copied in it (a
+// student of half-precision frozen weights trains in float32).
+void own_weights(torch::nn::Module& module, std::optional<torch::ScalarType> dtype = std::nullopt);
 
 // ZeRO stage 1 ([train] shard_optimizer of a distillation recipe): every rank keeps the full
 // weights and the averaged gradients but Adam's moments only for its share of the parameters,
