@@ -41,6 +41,9 @@ torch::ScalarType dtype_of(const std::string& name) {
 // a 2.6B-parameter model is never held in f32 and bf16 at once.
 void randomise(torch::nn::Module& module, torch::ScalarType dtype, torch::Device device) {
   torch::NoGradGuard no_grad;
+  // The same weights in every run (libtorch seeds its default generators at random), so that
+  // two runs of a bench, e.g. of `--distill` before and after a change, compute the same.
+  torch::manual_seed(0);
   for (auto& item : module.named_parameters()) {
     auto& p = item.value();
     auto t = torch::empty(p.sizes(), torch::TensorOptions().dtype(dtype).device(device));

@@ -281,6 +281,41 @@ TEST(Distill, HalfPrecisionFrozenWeightsGiveTheFloat32RunOfAnF16Teacher) {
   }
 }
 
+// With f16 frozen weights a model directory's fp16 variant files are preferred: SDXL's
+// repositories hold both, and the fp16 ones are held as they are, memory-mapped.
+TEST(Distill, F16FrozenWeightsPreferTheFp16Variant) {
+  // First: recipe_from writes into the test's directory, which temp_dir() then empties.
+  const auto recipe = recipe_from(std::string(kHead) +
+                                  "[train]\nbatch_size = 2\nfrozen_weights_dtype = \"f16\"\n"
+                                  "[sample]\nper_class = 1\n"
+                                  "[[stages]]\nteacher_steps = 2\nstudent_steps = 1\n"
+                                  "mse_iterations = 1\n");
+  const auto dir = test::temp_dir();
+  const auto root = dir + "/models";
+  fs::create_directories(root);
+  fs::copy(test::source_path("models/fmnist-teacher"), root + "/fmnist-teacher",
+           fs::copy_options::recursive);
+  const auto unet = root + "/fmnist-teacher/unet/";
+  std::vector<std::pair<std::string, torch::Tensor>> wide, narrow;
+  for (const auto& [name, t] : io::load_safetensors(unet + "diffusion_pytorch_model.safetensors")) {
+    wide.emplace_back(name, t.to(torch::kFloat32));
+    narrow.emplace_back(name, name == "conv_in.weight" ? t * 0.5 : t);  // told apart
+  }
+  io::save_safetensors(unet + "diffusion_pytorch_model.safetensors", wide);
+  io::save_safetensors(unet + "diffusion_pytorch_model.fp16.safetensors", narrow);
+  auto options = options_for(dir + "/run");
+  options.models_root = root;
+  torch::Tensor conv_in;
+  options.teacher_loaded = [&](const std::string&, const generate::TextToImageModel& teacher) {
+    if (!conv_in.defined()) conv_in = teacher.unet->conv_in->weight.detach().clone();
+  };
+  distill::run_distillation(recipe, options);
+  ASSERT_TRUE(conv_in.defined());
+  EXPECT_EQ(conv_in.scalar_type(), torch::kHalf);
+  for (const auto& [name, t] : narrow)
+    if (name == "conv_in.weight") EXPECT_TRUE(torch::equal(conv_in, t));
+}
+
 // What must hold when it learns. MSE stage: the guided teacher's 8 steps distilled into 4
 // unguided student steps beats the student's initialisation (the teacher, 4 steps, no CFG) on
 // FID. Adversarial stage: the discriminator's outputs on real (teacher) and fake (student)

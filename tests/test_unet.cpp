@@ -208,7 +208,8 @@ TEST(UNetLoading, F32WeightsAreViewsOfTheMappedFile) {
 // not is named, never silently made inf.
 TEST(UNetLoading, WeightsBeyondFloat16sRangeAreNamed) {
   const auto src = test::source_path("tests/fixtures/unet/tiny-sd15");  // stored as f32
-  const auto dir = test::temp_dir() + "/big";
+  const auto tmp = test::temp_dir();
+  const auto dir = tmp + "/big";
   std::filesystem::create_directories(dir);
   std::filesystem::copy_file(src + "/config.json", dir + "/config.json");
   auto tensors = io::load_safetensors(src + "/diffusion_pytorch_model.safetensors");
@@ -227,7 +228,18 @@ TEST(UNetLoading, WeightsBeyondFloat16sRangeAreNamed) {
                                     "/diffusion_pytorch_model.safetensors holds values beyond "
                                     "float16's range (|x| up to 100000): load it in bf16 or f32"));
   }
-  EXPECT_EQ(models::load_unet(dir, {})->conv_out->bias[0].item<float>(), 1e5f);
+  const auto big = models::load_unet(dir, {});
+  EXPECT_EQ(big->conv_out->bias[0].item<float>(), 1e5f);
+  // Nor is such a weight saved in f16 (a stage's model is): the directory is left as it was.
+  const auto out = tmp + "/big-f16";
+  try {
+    models::save_unet(big, out, torch::kHalf);
+    FAIL() << "saved a weight beyond f16's range";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("weight 'conv_out.bias' holds values beyond float16's range "
+                                    "(|x| up to 100000)"));
+  }
+  EXPECT_FALSE(std::filesystem::exists(out + "/diffusion_pytorch_model.safetensors"));
 }
 
 TEST(UNetLoading, F16FileConvertsToComputeType) {

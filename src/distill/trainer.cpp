@@ -188,6 +188,9 @@ class DistillRun {
         device_(options.device) {
     load_options_.device = device_;
     load_options_.weights_dtype = frozen_weights_dtype(recipe);
+    // Held in f16, a model's fp16 variant files are the same weights, memory-mapped instead of
+    // converted (SDXL's repositories hold both); a directory without them gives its only files.
+    if (load_options_.weights_dtype == torch::kHalf) load_options_.variant = "fp16";
   }
   DistillResult run();
 

@@ -137,7 +137,14 @@ void save_weights(const torch::nn::Module& module, const std::string& path,
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   for (const auto& [name, tensor] : module_tensors(module)) {
     auto t = tensor.detach();
-    if (dtype && t.is_floating_point()) t = t.to(*dtype);
+    if (dtype && t.is_floating_point() && t.scalar_type() != *dtype) {
+      auto narrow = t.to(*dtype);
+      if (*dtype == torch::kHalf && narrow.isinf().any().item<bool>() &&
+          !t.isinf().any().item<bool>())
+        fail("{}: weight '{}' holds values beyond float16's range (|x| up to {:g})", path, name,
+             t.abs().max().item<double>());
+      t = narrow;
+    }
     tensors.emplace_back(name, t);
   }
   save_safetensors(path, tensors, metadata);

@@ -73,6 +73,8 @@ void check_weights(const torch::nn::Module& module, const WeightSource& weights,
 std::map<std::string, torch::Tensor> module_tensors(const torch::nn::Module& module);
 
 // Saves the module's parameters and buffers (converted to `dtype` when given) as safetensors.
+// A finite weight that f16 cannot hold is refused by name (never written as inf); the file is
+// then left as it was.
 void save_weights(const torch::nn::Module& module, const std::string& path,
                   c10::optional<torch::ScalarType> dtype = c10::nullopt,
                   const std::map<std::string, std::string>& metadata = {});

@@ -105,15 +105,19 @@ size_t attach_lora(torch::nn::Module& module, const LoRAConfig& config) {
     const auto& w = layer.weight();
     auto options = w.options().dtype(config.dtype.value_or(w.scalar_type()));
     auto adapter = std::make_shared<nn::LowRankAdapter>();
+    // `down` is drawn on the CPU, from the CPU generator, and then moved: the same adapters
+    // whatever device the model is on (a CUDA generator draws other numbers).
+    const auto cpu = options.device(torch::kCPU);
     if (layer.linear) {
-      adapter->down = torch::empty({config.rank, layer.in_features()}, options);
+      adapter->down = torch::empty({config.rank, layer.in_features()}, cpu);
       adapter->up = torch::zeros({layer.out_features(), config.rank}, options);
     } else {
       const int64_t k = layer.conv->kernel_size;
-      adapter->down = torch::empty({config.rank, layer.in_features(), k, k}, options);
+      adapter->down = torch::empty({config.rank, layer.in_features(), k, k}, cpu);
       adapter->up = torch::zeros({layer.out_features(), config.rank, 1, 1}, options);
     }
     torch::nn::init::kaiming_uniform_(adapter->down, std::sqrt(5.0));
+    adapter->down = adapter->down.to(w.device());
     adapter->down.set_requires_grad(true);
     adapter->up.set_requires_grad(true);
     adapter->alpha = config.alpha;

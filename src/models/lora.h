@@ -59,10 +59,10 @@ struct LoRAConfig {
 // Whether `path` is `entry` or lies below it.
 bool path_matches(const std::string& path, const std::string& entry);
 
-// Attaches a fresh adapter (down kaiming-uniform from torch's global generator, up zero; in
-// config.dtype or the layer weight's dtype, on its device, requires_grad) to every Linear and
-// Conv2d not excluded. Replaces existing adapters. Returns the number attached. Throws Error for
-// rank < 1.
+// Attaches a fresh adapter (down kaiming-uniform from torch's global CPU generator whatever the
+// device, up zero; in config.dtype or the layer weight's dtype, on its device, requires_grad) to
+// every Linear and Conv2d not excluded. Replaces existing adapters. Returns the number attached.
+// Throws Error for rank < 1.
 size_t attach_lora(torch::nn::Module& module, const LoRAConfig& config);
 
 // The attached adapters' tensors by name: "<path>.lora_down.weight" and "<path>.lora_up.weight"

@@ -3,11 +3,44 @@
 #include <atomic>
 #include <cmath>
 
+#include <torch/autograd.h>
 #include <torch/nn/init.h>
+
+#include "nn/autocast.h"
 
 namespace lightning::nn {
 namespace {
 thread_local bool t_skip_init = false;
+
+// y = x W^T + b where W (and b) are frozen and held narrower than x (f16 weights, f32
+// compute): W is converted for the product and again for the input's gradient, so that the
+// backward pass keeps the narrow W instead of its converted copy (autograd would keep the copy:
+// a UNet's worth of float32 weights for a LoRA student of f16 frozen weights).
+class NarrowFrozenLinear : public torch::autograd::Function<NarrowFrozenLinear> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight,
+                               const c10::optional<torch::Tensor>& bias) {
+    ctx->save_for_backward({weight});
+    return torch::linear(x, as_input(weight, x), bias ? as_input(*bias, x) : torch::Tensor());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto weight = ctx->get_saved_variables()[0];
+    const auto& g = grads[0];
+    return {g.matmul(weight.to(g.scalar_type())), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// Whether the frozen, narrower weight of a linear layer would otherwise be kept converted for
+// the backward pass. Under autocast the kept copy is autocast's own (bf16), as for float32
+// weights.
+bool keeps_converted_weight(const torch::Tensor& x, const torch::Tensor& weight,
+                            const torch::Tensor& bias) {
+  return weight.scalar_type() != x.scalar_type() && !weight.requires_grad() &&
+         !(bias.defined() && bias.requires_grad()) && x.requires_grad() &&
+         torch::GradMode::is_enabled() && !AutocastState::current().enabled();
+}
 
 // PyTorch's default for Linear and Conv2d: kaiming_uniform_(a = sqrt(5)) on the weight,
 // uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) on the bias.
@@ -91,7 +124,10 @@ void LinearImpl::reset() {
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   if (flops::enabled()) flops::add(2.0 * (x.numel() / in_features) * in_features * out_features);
-  auto y = torch::linear(x, as_input(weight, x), as_input(bias, x));
+  auto y = keeps_converted_weight(x, weight, bias)
+               ? NarrowFrozenLinear::apply(
+                     x, weight, bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt)
+               : torch::linear(x, as_input(weight, x), as_input(bias, x));
   if (adapter) {
     const auto& a = *adapter;
     auto delta = torch::linear(torch::linear(x.to(a.down.scalar_type()), a.down), a.up);
