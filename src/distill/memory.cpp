@@ -10,12 +10,6 @@
 
 namespace lightning::distill {
 
-std::optional<c10::ScalarType> frozen_weights_dtype(const DistillRecipe& recipe) {
-  if (recipe.frozen_weights_dtype == "f16") return torch::kHalf;
-  if (recipe.frozen_weights_dtype == "bf16") return torch::kBFloat16;
-  return std::nullopt;
-}
-
 std::vector<PhaseMemory> estimate_phase_memory(const DistillRecipe& recipe,
                                                const generate::TextToImageModel& teacher) {
   // Bytes and parameters of a module; `encoder_only`: without a UNet's up path (what the
@@ -34,7 +28,7 @@ std::vector<PhaseMemory> estimate_phase_memory(const DistillRecipe& recipe,
     return std::pair{bytes, params};
   };
   // Frozen weights as the recipe holds them (the teacher given may hold them otherwise).
-  const auto frozen_dtype = frozen_weights_dtype(recipe);
+  const auto frozen_dtype = recipe.frozen_dtype();
   auto frozen_bytes = [&](const std::pair<double, double>& size) {
     return frozen_dtype ? size.second * static_cast<double>(c10::elementSize(*frozen_dtype))
                         : size.first;

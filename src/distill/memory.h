@@ -3,12 +3,10 @@
 // table of docs/benchmarks.md.
 #pragma once
 
-#include <optional>
 #include <string>
 #include <vector>
 
 #include <c10/core/Device.h>
-#include <c10/core/ScalarType.h>
 
 #include "distill/recipe.h"
 
@@ -17,10 +15,6 @@ struct TextToImageModel;
 }
 
 namespace lightning::distill {
-
-// The dtype the recipe holds its frozen weights in (ModelLoadOptions::weights_dtype): unset for
-// "f32".
-std::optional<c10::ScalarType> frozen_weights_dtype(const DistillRecipe& recipe);
 
 // What a phase holds in weights and optimiser state, before activations: frozen tensors in the
 // recipe's frozen_weights_dtype (for "f32": at their element size), trained float32 parameters at

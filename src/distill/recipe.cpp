@@ -308,6 +308,12 @@ DistillRecipe DistillRecipe::load(const std::string& toml_path) {
   return from_json(io::read_toml_file(toml_path), toml_path);
 }
 
+std::optional<c10::ScalarType> DistillRecipe::frozen_dtype() const {
+  if (frozen_weights_dtype == "f16") return c10::kHalf;
+  if (frozen_weights_dtype == "bf16") return c10::kBFloat16;
+  return std::nullopt;
+}
+
 int64_t DistillRecipe::total_iterations() const {
   int64_t n = 0;
   for (const auto& s : stages)

@@ -27,9 +27,11 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include <c10/core/ScalarType.h>
 #include <nlohmann/json.hpp>
 
 #include "data/stream.h"
@@ -136,8 +138,8 @@ struct DistillRecipe {
   // base, which shares it), the text encoders and the VAE. "f32" (default), "f16" or "bf16";
   // they still compute in float32 (or the bf16 autocast), each layer converting its weights as
   // it uses them, and everything trained stays float32. "f16" halves the frozen weights' memory
-  // (the SDXL teacher's 10.3 GB) and gives exactly the float32 numbers for an f16 checkpoint,
-  // as SDXL's are distributed and as every stage's model is saved.
+  // (the SDXL teacher's 10.3 GB), prefers a model's fp16 variant files, and gives exactly the
+  // float32 numbers for f16 files (that variant, every stage's saved model).
   std::string frozen_weights_dtype = "f32";
   int64_t log_every = 10, sample_every = 200, checkpoint_every = 100;
   int64_t sample_per_class = 4;             // images per sample prompt
@@ -149,6 +151,8 @@ struct DistillRecipe {
   static DistillRecipe from_json(const nlohmann::json& json, const std::string& file);
   static DistillRecipe load(const std::string& toml_path);
   int64_t total_iterations() const;
+  // frozen_weights_dtype as a dtype (ModelLoadOptions::weights_dtype): unset for "f32".
+  std::optional<c10::ScalarType> frozen_dtype() const;
 };
 
 }  // namespace lightning::distill

@@ -95,15 +95,6 @@ models::LoRAConfig lora_config(const StageRecipe& stage) {
   return {stage.lora_rank, stage.lora_alpha, models::LoRAConfig{}.exclude, torch::kFloat32};
 }
 
-// What the student trains is float32, also where the teacher's weights are held narrower
-// (frozen_weights_dtype): a no-op for float32 parameters.
-void float32_parameters(torch::nn::Module& module) {
-  torch::NoGradGuard no_grad;
-  for (auto& p : module.parameters(true))
-    if (p.is_floating_point() && p.scalar_type() != torch::kFloat32)
-      p.set_data(p.detach().to(torch::kFloat32));
-}
-
 }  // namespace
 
 // ---- StageNetworks
@@ -122,9 +113,9 @@ StageNetworks::StageNetworks(const DistillRecipe& recipe, size_t stage, size_t f
   if (shares_teacher_) {
     student_ = train::unet_sharing_weights(teacher_.unet);
   } else {
-    student_ = models::UNet2DConditionModel(
-        std::dynamic_pointer_cast<models::UNet2DConditionModelImpl>(teacher_.unet->clone()));
-    float32_parameters(*student_);
+    // Its own copy, in float32 also where the teacher is held narrower (frozen_weights_dtype).
+    student_ = train::unet_sharing_weights(teacher_.unet);
+    train::own_weights(*student_, torch::kFloat32);
     for (auto& p : student_->parameters())
       p.set_requires_grad(true);
   }

@@ -187,7 +187,7 @@ class DistillRun {
         total_(recipe.total_iterations()),
         device_(options.device) {
     load_options_.device = device_;
-    load_options_.weights_dtype = frozen_weights_dtype(recipe);
+    load_options_.weights_dtype = recipe.frozen_dtype();
     // Held in f16, a model's fp16 variant files are the same weights, memory-mapped instead of
     // converted (SDXL's repositories hold both); a directory without them gives its only files.
     if (load_options_.weights_dtype == torch::kHalf) load_options_.variant = "fp16";

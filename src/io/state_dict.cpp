@@ -1,6 +1,7 @@
 #include "io/state_dict.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "core/error.h"
 
@@ -103,6 +104,18 @@ void check_weights(const torch::nn::Module& module, const WeightSource& weights,
   }
 }
 
+namespace {
+// Where `converted` (`source` in f16) turned finite values into inf: the largest magnitude of
+// `source` (f16 holds up to 65504), else nothing.
+std::optional<double> beyond_f16_range(const torch::Tensor& source,
+                                       const torch::Tensor& converted) {
+  if (converted.scalar_type() != torch::kHalf || source.scalar_type() == torch::kHalf ||
+      !converted.isinf().any().item<bool>() || source.isinf().any().item<bool>())
+    return std::nullopt;
+  return source.abs().max().item<double>();
+}
+}  // namespace
+
 void load_weights(torch::nn::Module& module, const WeightSource& weights,
                   const LoadOptions& options, const std::string& what) {
   check_weights(module, weights, what);
@@ -117,13 +130,11 @@ void load_weights(torch::nn::Module& module, const WeightSource& weights,
       tensor.set_data(source);  // a view of the mapping: no copy
     } else {
       auto converted = source.to(options.device, dtype);
-      // float16 holds magnitudes up to 65504: a wider weight beyond it would become inf.
-      if (dtype == torch::kHalf && source.scalar_type() != torch::kHalf &&
-          converted.isinf().any().item<bool>() && !source.isinf().any().item<bool>())
+      if (const auto max = beyond_f16_range(source, converted))
         fail(
             "{}: weight '{}' in {} holds values beyond float16's range (|x| up to {:g}): load it "
             "in bf16 or f32",
-            what, name, weights.describe(), source.abs().max().item<double>());
+            what, name, weights.describe(), *max);
       tensor.set_data(converted);
       source = torch::Tensor();
       weights.release(name);
@@ -139,10 +150,9 @@ void save_weights(const torch::nn::Module& module, const std::string& path,
     auto t = tensor.detach();
     if (dtype && t.is_floating_point() && t.scalar_type() != *dtype) {
       auto narrow = t.to(*dtype);
-      if (*dtype == torch::kHalf && narrow.isinf().any().item<bool>() &&
-          !t.isinf().any().item<bool>())
+      if (const auto max = beyond_f16_range(t, narrow))
         fail("{}: weight '{}' holds values beyond float16's range (|x| up to {:g})", path, name,
-             t.abs().max().item<double>());
+             *max);
       t = narrow;
     }
     tensors.emplace_back(name, t);
