@@ -191,6 +191,7 @@ std::vector<DistillBenchRow> run_distill_bench(
   auto finish_row = [&] {
     if (rows.empty()) return;
     auto& row = rows.back();
+    if (later.empty()) row.peak_memory_gb = row.first_peak_gb;
     if (!later.empty()) {
       std::nth_element(later.begin(), later.begin() + static_cast<long>(later.size() / 2),
                        later.end());
@@ -217,30 +218,34 @@ std::vector<DistillBenchRow> run_distill_bench(
       row.stage_name = line.value("stage_name", "");
       row.phase = phase;
       row.first_s = seconds;
+      row.first_peak_gb = line.value("peak_memory_gb", 0.0);
       rows.push_back(row);
     } else {
       later.push_back(seconds);
+      // Each line's peak is its own iteration's (the bench logs every iteration).
+      rows.back().peak_memory_gb =
+          std::max(rows.back().peak_memory_gb, line.value("peak_memory_gb", 0.0));
     }
     rows.back().iterations += 1;
-    rows.back().peak_memory_gb =
-        std::max(rows.back().peak_memory_gb, line.value("peak_memory_gb", 0.0));
   }
   finish_row();
   if (rows.empty()) fail("{}/metrics.jsonl: no iteration was logged", run.out_dir);
   for (const auto& row : rows)
-    progress(fmt::format("stage {} ({}) {}: {:.2f} s per iteration, peak {:.2f} GB", row.stage,
-                         row.stage_name, row.phase, row.seconds, row.peak_memory_gb));
+    progress(fmt::format(
+        "stage {} ({}) {}: {:.2f} s per iteration, peak {:.2f} GB ({:.2f} GB "
+        "in the first)",
+        row.stage, row.stage_name, row.phase, row.seconds, row.peak_memory_gb, row.first_peak_gb));
   return rows;
 }
 
 std::string format_distill_table(const std::vector<DistillBenchRow>& rows) {
   std::string out =
       "| stage | phase | iterations | first iteration (s) | s / iteration | images/s | peak "
-      "memory (GB) |\n|---|---|---|---|---|---|---|\n";
+      "memory (GB) | first iteration's peak (GB) |\n|---|---|---|---|---|---|---|---|\n";
   for (const auto& r : rows)
-    out += fmt::format("| {} {} | {} | {} | {:.2f} | {:.2f} | {:.3f} | {:.2f} |\n", r.stage,
-                       r.stage_name, r.phase, r.iterations, r.first_s, r.seconds, r.images_per_s,
-                       r.peak_memory_gb);
+    out += fmt::format("| {} {} | {} | {} | {:.2f} | {:.2f} | {:.3f} | {:.2f} | {:.2f} |\n",
+                       r.stage, r.stage_name, r.phase, r.iterations, r.first_s, r.seconds,
+                       r.images_per_s, r.peak_memory_gb, r.first_peak_gb);
   return out;
 }
 

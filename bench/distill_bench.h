@@ -33,9 +33,13 @@ struct DistillBenchRow {
   // first phase the previous stage's model saved and loaded as teacher, the discriminator
   // made; a merge; ...) and the iteration.
   double first_s = 0;
-  double seconds = 0;         // median of the later iterations (first_s when there is one)
-  double images_per_s = 0;    // batch / seconds
-  double peak_memory_gb = 0;  // during the phase: the GPU allocator's on CUDA, else peak RSS
+  double seconds = 0;       // median of the later iterations (first_s when there is one)
+  double images_per_s = 0;  // batch / seconds
+  // Peak memory, the GPU allocator's on CUDA, else RSS: during the first iteration (with the
+  // set-up since the previous phase, and on a GPU cuDNN's algorithm search for new shapes), and
+  // during the later ones (the first's when there is one).
+  double first_peak_gb = 0;
+  double peak_memory_gb = 0;
 };
 
 // Runs the dry run; `progress` receives a line per step of the preparation and per phase.

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The checks for a machine with a CUDA GPU, in one go; docs/benchmarks.md records their numbers.
 #  1. Builds build-cuda/lightning against the PyTorch wheel (scripts/build-cuda.sh; its cmake
-#     output says whether the NCCL path is compiled in, and why not).
+#     output says whether the NCCL path is compiled in, and why not). Where src/dist/group.cpp
+#     does not compile against that libtorch with NCCL, it builds again without (the log says).
 #  2. TESTS=1: also builds the tests there and runs those that exercise CUDA (TEST_FILTER).
-#  3. The distillation dry run of full-size SDXL (random weights) on the GPU: every stage and
-#     phase of recipes/sdxl-lightning.toml, ITERATIONS (5) each, IMAGE (1024) pixels, bf16
-#     autocast; seconds per iteration, images/s and peak GPU memory per phase.
-# Logs and the bench's table go to OUT (default gpu-check/). Where the GPU machine lacks the other
-# libraries, make them on Debian 12 first (scripts/deps-prefix.sh .deps.tar.xz) and pass the file
-# or an unpacked prefix as DEPS; CXX picks the compiler as usual.
-#   DEPS=.deps.tar.xz CXX=/opt/gcc/bin/g++ scripts/gpu-check.sh
+#  3. SMOKE=1 (default): the whole SDXL recipe on the tiny SDXL-shaped pipeline on the GPU, a
+#     few seconds: the trainer's CUDA path end to end before the long run.
+#  4. The distillation dry run of full-size SDXL (random weights) on the GPU: every stage and
+#     phase of RECIPE (recipes/sdxl-lightning.toml), ITERATIONS (5) each, IMAGE (1024) pixels,
+#     BATCH (1) images, bf16 autocast; seconds per iteration, images/s and peak GPU memory per
+#     phase, and nvidia-smi's memory and load every 2 s (nvidia-smi.csv).
+# BUDGET=SECONDS bounds the whole script: the dry run is stopped at it, and its metrics so far
+# (metrics.jsonl, a line per iteration) are kept. Logs and tables go to OUT (default gpu-check/).
+# Where the GPU machine lacks the other libraries, make them on Debian 12 first
+# (scripts/deps-prefix.sh .deps.tar.xz) and pass the file or an unpacked prefix as DEPS; CXX
+# picks the compiler as usual.
+#   DEPS=.deps.tar.xz CXX=g++-13 BUDGET=560 scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check}
@@ -22,28 +28,61 @@ if [[ -n ${DEPS:-} ]]; then
     DEPS_PREFIX=$(cd "$DEPS" && pwd)/usr
     export DEPS_PREFIX
   fi
+  export LD_LIBRARY_PATH=$DEPS_PREFIX/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  ${PYTHON:-python3} -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+} | tee "$out/gpu.txt"
 
-step() { echo "== $1 ($(date +%T))"; }
+budget=${BUDGET:-0}
+left() { echo $((budget - SECONDS)); }  # seconds left of BUDGET
+step() { echo "== $1 ($(date +%T), ${SECONDS} s)"; }
 step "build"
 tests=OFF target=lightning
 if [[ ${TESTS:-0} == 1 ]]; then tests=ON target="lightning lightning_tests"; fi
-if ! TARGET=$target scripts/build-cuda.sh -DLIGHTNING_TESTS=$tests >"$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"
-  exit 1
+build() { TARGET=$target scripts/build-cuda.sh -DLIGHTNING_TESTS=$tests "$@"; }
+if ! build -DLIGHTNING_WITH_NCCL=ON >"$out/build.log" 2>&1; then
+  if grep -q "src/dist/group.cpp\|nccl_check" "$out/build.log"; then
+    grep -B2 -A12 -m1 "error" "$out/build.log" >"$out/build-nccl-error.log" || true
+    echo "src/dist/group.cpp did not compile with NCCL ($out/build-nccl-error.log); again without"
+    build -DLIGHTNING_WITH_NCCL=OFF >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  else
+    tail -40 "$out/build.log"
+    exit 1
+  fi
 fi
 grep -E "libtorch with CUDA|NCCL" "$out/build.log" || true
 
 if [[ $tests == ON ]]; then
   step "tests"
   LIGHTNING_TEST_TMP=/tmp/lightning-tests build-cuda/tests/lightning_tests \
-    --gtest_filter="${TEST_FILTER:-*Cuda*:*CUDA*:Cli.DistillDevice*:Dist.*:SdxlLightningRecipe.*}" \
+    --gtest_filter="${TEST_FILTER:-*Cuda*:*CUDA*:Cli.DistillDevice*:SdxlLightningRecipe.*}" \
     2>&1 | tee "$out/tests.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |tests ran" || true
 fi
 
+recipe=${RECIPE:-recipes/sdxl-lightning.toml}
+if [[ ${SMOKE:-1} == 1 ]]; then
+  step "tiny SDXL distillation on the GPU"
+  timeout 180 build-cuda/lightning bench --distill tiny-sdxl --recipe "$recipe" --image 64 \
+    --iterations 2 --device cuda --mixed-precision bf16 >"$out/tiny-distill.log" 2>&1 ||
+    echo "tiny SDXL distillation failed (exit $?)"
+  tail -25 "$out/tiny-distill.log"
+fi
+
 step "distillation dry run"
-build-cuda/lightning bench --distill sdxl --image "${IMAGE:-1024}" --iterations "${ITERATIONS:-5}" \
-  --device cuda --mixed-precision bf16 --work-dir /tmp/lightning-distill-bench 2>&1 |
-  tee "$out/distill-bench.log"
-step "done"
+limit=()
+if ((budget > 0)); then limit=(timeout --signal=INT --kill-after=10 $(($(left) - 15))); fi
+work=/tmp/lightning-distill-bench
+rm -rf "$work"
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 2 \
+  >"$out/nvidia-smi.csv" 2>/dev/null &
+sampler=$!
+status=0
+"${limit[@]}" build-cuda/lightning bench --distill sdxl --recipe "$recipe" --image "${IMAGE:-1024}" \
+  --iterations "${ITERATIONS:-5}" --batch "${BATCH:-1}" --device cuda --mixed-precision bf16 \
+  --work-dir "$work" >"$out/distill-bench.log" 2>&1 || status=$?
+kill "$sampler" 2>/dev/null || true
+tail -40 "$out/distill-bench.log"
+cp "$work/run/metrics.jsonl" "$out/" 2>/dev/null || true
+step "done (dry run exit $status)"

@@ -347,6 +347,44 @@ TEST(LoRAStudent, OfAnF16TeacherTrainsAsOfItsFloat32Copy) {
   EXPECT_TRUE(torch::equal(wide_x.grad(), narrow_x.grad()));
 }
 
+// Under autocast a linear or convolution layer hands its frozen f16 weight to autocast as it is
+// (no float32 copy first): the outputs and input gradients are those of float32 weights of the
+// same values, in the autocast dtype.
+TEST(LoRAStudent, FrozenF16WeightsUnderAutocastActAsTheirFloat32Values) {
+  torch::manual_seed(0);
+  nn::Linear linear(16, 8);
+  nn::Conv2d conv(4, 6, 3, 1, 1);
+  auto check = [](torch::nn::Module& layer, const std::function<torch::Tensor(torch::Tensor)>& f,
+                  const torch::Tensor& x) {
+    std::vector<torch::Tensor> outputs, grads;
+    for (auto dtype : {torch::kFloat32, torch::kHalf}) {
+      layer.to(dtype);
+      for (auto& p : layer.parameters())
+        p.set_requires_grad(false);
+      const auto in = x.detach().requires_grad_();
+      const nn::AutocastScope autocast(nn::AutocastState::bf16());
+      auto y = f(in);
+      EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
+      y.to(torch::kFloat32).square().sum().backward();
+      outputs.push_back(y.detach());
+      grads.push_back(in.grad());
+    }
+    EXPECT_TRUE(torch::equal(outputs[0], outputs[1]));
+    EXPECT_TRUE(torch::equal(grads[0], grads[1]));
+  };
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : linear->parameters())
+      p.copy_(p.to(torch::kHalf));  // f16-exact values
+    for (auto& p : conv->parameters())
+      p.copy_(p.to(torch::kHalf));
+  }
+  check(
+      *linear, [&](torch::Tensor x) { return linear->forward(x); }, torch::randn({2, 5, 16}));
+  check(
+      *conv, [&](torch::Tensor x) { return conv->forward(x); }, torch::randn({2, 4, 6, 6}));
+}
+
 TEST(DistillSdxl, TinyPipelineOnShardsAndOnACache) {
   const auto dir = test::temp_dir();
   const auto shards = write_shards(dir);
@@ -456,14 +494,15 @@ TEST(SdxlLightningRecipe, BenchDryRunsEveryPhase) {
   auto run = test::run_lightning("bench --distill tiny-sdxl --recipe " + recipe_path +
                                  " --image 32 --iterations 2 --threads 2 --work-dir " + dir);
   ASSERT_EQ(run.exit_code, 0) << run.output;
-  // The table's rows: stage, phase, iterations, then four numbers.
+  // The table's rows: stage, phase, iterations, then five numbers.
   std::vector<std::string> rows;
   const std::regex row(
-      R"(\| (\d+ [\w-]+) \| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|)");
+      R"(\| (\d+ [\w-]+) \| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|)");
   for (std::sregex_iterator it(run.output.begin(), run.output.end(), row), end; it != end; ++it) {
     rows.push_back((*it)[1].str() + " " + (*it)[2].str() + " " + (*it)[3].str());
     EXPECT_GT(std::stod((*it)[5].str()), 0.0) << it->str();
-    EXPECT_GT(std::stod((*it)[7].str()), 0.0) << it->str();  // peak memory
+    EXPECT_GT(std::stod((*it)[7].str()), 0.0) << it->str();  // peak memory, later iterations
+    EXPECT_GT(std::stod((*it)[8].str()), 0.0) << it->str();  // and the first
   }
   std::vector<std::string> expected;
   const auto recipe = distill::DistillRecipe::load(recipe_path);

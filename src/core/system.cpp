@@ -112,6 +112,9 @@ int64_t cuda_peak_reserved_bytes(int index) {
 void reset_cuda_peak(int index) {
   c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(index));
 }
+static void release_cuda_cache() {
+  c10::cuda::CUDACachingAllocator::emptyCache();
+}
 int64_t cuda_total_memory_bytes(int index) {
   // The CUDA runtime's, looked up where libc10_cuda loaded it: this program links libtorch's
   // CUDA libraries, not the runtime itself.
@@ -136,6 +139,7 @@ int64_t cuda_peak_reserved_bytes(int) {
   return 0;
 }
 void reset_cuda_peak(int) {}
+static void release_cuda_cache() {}
 int64_t cuda_total_memory_bytes(int) {
   return 0;
 }
@@ -146,11 +150,18 @@ int64_t peak_memory_bytes(const c10::Device& device) {
                           : peak_rss_bytes();
 }
 
-void reset_peak_memory(const c10::Device& device) {
+void release_free_memory(const c10::Device& device) {
+  if (device.is_cuda())
+    release_cuda_cache();
+  else
+    release_free_heap();
+}
+
+void reset_peak_memory(const c10::Device& device, bool release_free) {
   if (device.is_cuda()) {
     reset_cuda_peak(device.has_index() ? device.index() : 0);
   } else {
-    release_free_heap();  // heap pages the allocator keeps (tune_allocator) stop counting
+    if (release_free) release_free_heap();  // heap pages tune_allocator keeps stop counting
     reset_peak_rss();
   }
 }

@@ -28,6 +28,10 @@ void tune_allocator();
 // Returns the free pages of the heap that tune_allocator keeps to the kernel (malloc_trim):
 // after a large free that nothing will reuse soon.
 void release_free_heap();
+// The same for a device: on the CPU release_free_heap(); on CUDA the caching allocator's free
+// blocks go back to the driver (emptyCache), so that other processes, nvidia-smi and the next
+// stage's differently sized tensors see the memory.
+void release_free_memory(const c10::Device& device);
 
 // Resident set size now and its high-water mark, in bytes (/proc/self/status VmRSS, VmHWM).
 int64_t current_rss_bytes();
@@ -53,9 +57,10 @@ void reset_cuda_peak(int index);
 
 // The peak memory of a device since reset_peak_memory(device): on CUDA the caching allocator's
 // tensor bytes (its state must exist: something was allocated there), on the CPU the process's
-// RSS high-water mark (freed heap memory is returned to the kernel first, so that memory an
-// earlier phase freed does not count).
+// RSS high-water mark. With `release_free`, the CPU's freed heap memory is returned to the
+// kernel first, so that memory an earlier phase freed does not count (not between the
+// iterations of a phase: the heap is kept so that the next iteration does not fault it anew).
 int64_t peak_memory_bytes(const c10::Device& device);
-void reset_peak_memory(const c10::Device& device);
+void reset_peak_memory(const c10::Device& device, bool release_free = true);
 
 }  // namespace lightning

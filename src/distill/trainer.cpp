@@ -419,7 +419,7 @@ bool DistillRun::train_stage(size_t s) {
   if (s == start_.stage && options_.resume && g_ > stage_start(recipe_, s))
     nets.load_checkpoint(checkpoint_dir_, device_);
   for (size_t p = first_phase; p < phases.size(); ++p) {
-    reset_peak_memory(device_);  // the metrics' peak is the phase's, from its LoRA change on
+    reset_peak_memory(device_);  // the first metrics line's peak includes the LoRA change
     nets.begin_phase(phases[p], main_ ? (stage_dir(s) / "lora.safetensors").string() : "");
     if (!train_phase(s, p, nets)) return false;
   }
@@ -487,7 +487,7 @@ void DistillRun::finish_stage(size_t s, StageNetworks& nets) {
   nets.end_training(main_ ? (dir / "lora.safetensors").string() : "");
   // The phase's optimiser state and gradients are gone (SDXL: about 46 GB), and the next stage
   // holds other tensors: the heap that held them goes back to the system.
-  if (device_.is_cpu()) release_free_heap();
+  release_free_memory(device_);
   write_samples(s, nets, g_);
   nets.student()->eval();
   if (main_) generate::save_model(nets.student_model(), (dir / "model").string(), torch::kFloat16);
@@ -509,7 +509,9 @@ void DistillRun::log_metrics(size_t s, const Phase& phase, int64_t i, double lr,
       {"iteration", i + 1},
       {"lr", lr},
       {"images_per_s", interval.count * recipe_.batch_size / std::max(secs, 1e-9)},
-      // This process's peak since the phase began: the GPU allocator's, else RSS.
+      // This process's peak since the previous line (the first: since the phase began): the
+      // GPU allocator's, else RSS. Per line, so that the first iteration's one-off peaks
+      // (cuDNN's algorithm search on a GPU) do not hide the phase's steady state.
       {"peak_memory_gb", peak_memory_bytes(device_) / 1e9},
       {"elapsed_s", elapsed_s()}};
   if (group_.size() > 1) line["ranks"] = group_.size();
@@ -518,6 +520,7 @@ void DistillRun::log_metrics(size_t s, const Phase& phase, int64_t i, double lr,
   for (const auto& [k, v] : interval.sums)
     line[k] = v / interval.count;
   metrics_->append(line);
+  reset_peak_memory(device_, /*release_free=*/false);
 }
 
 void DistillRun::write_samples(size_t s, StageNetworks& nets, int64_t step) {
