@@ -40,11 +40,16 @@ std::vector<torch::Tensor> values(const NamedTensors& named) {
   return out;
 }
 
+// Summed on the parameters' device in float64, in parameter order, and read back once (on a
+// GPU a read per parameter would wait for it some 1,700 times per SDXL update).
 double total_norm(const std::vector<torch::Tensor>& params) {
-  double sum = 0;
+  torch::Tensor sum;
   for (const auto& p : params)
-    if (p.grad().defined()) sum += p.grad().to(torch::kFloat64).square().sum().item<double>();
-  return std::sqrt(sum);
+    if (p.grad().defined()) {
+      auto s = p.grad().to(torch::kFloat64).square().sum();
+      sum = sum.defined() ? sum + s : s;
+    }
+  return sum.defined() ? std::sqrt(sum.item<double>()) : 0.0;
 }
 
 // Clips the gradients to `max_norm` (when > 0); returns their norm before clipping.
