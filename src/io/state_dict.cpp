@@ -155,7 +155,9 @@ void save_weights(const torch::nn::Module& module, const std::string& path,
              *max);
       t = narrow;
     }
-    tensors.emplace_back(name, t);
+    // On the host tensor by tensor: a GPU holds one converted copy at a time, not a model's
+    // worth (SDXL's UNet in f16: 5 GB). The file is written from host memory anyway.
+    tensors.emplace_back(name, t.to(torch::kCPU));
   }
   save_safetensors(path, tensors, metadata);
 }
