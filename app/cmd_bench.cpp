@@ -106,6 +106,10 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--recipe", d.recipe,
                   "--distill: the recipe (default: recipes/sdxl-lightning.toml)")
       ->check(CLI::ExistingFile);
+  cmd->add_option("--stages", d.stages,
+                  "--distill: only these stages of the recipe, numbered from 1 (2 or 2,5; "
+                  "default: all)")
+      ->delimiter(',');
   cmd->add_option("--iterations", d.iterations, "--distill: iterations per phase")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -87,6 +87,20 @@ std::vector<DistillBenchRow> run_distill_bench(
   if (options.iterations < 1) fail_usage("--iterations must be >= 1, got {}", options.iterations);
   if (options.batch < 1) fail_usage("--batch must be >= 1, got {}", options.batch);
   auto recipe = distill::DistillRecipe::load(options.recipe);
+  if (!options.stages.empty()) {
+    std::vector<distill::StageRecipe> kept;
+    int64_t previous = 0;
+    for (const int64_t s : options.stages) {
+      if (s < 1 || s > static_cast<int64_t>(recipe.stages.size()))
+        fail_usage("--stages {}: {} has stages 1 to {}", s, options.recipe, recipe.stages.size());
+      if (s <= previous)
+        fail_usage("--stages: list stages once each, in increasing order ({} after {})", s,
+                   previous);
+      kept.push_back(recipe.stages[static_cast<size_t>(s - 1)]);
+      previous = s;
+    }
+    recipe.stages = std::move(kept);
+  }
   const bool preset = options.teacher == "sdxl" || options.teacher == "tiny-sdxl";
   if (!preset && !fs::is_directory(options.teacher))
     fail_usage("--distill {}: not a preset (sdxl, tiny-sdxl) or a model directory",
@@ -214,7 +228,7 @@ std::vector<DistillBenchRow> run_distill_bench(
     if (rows.empty() || rows.back().stage != stage || rows.back().phase != phase) {
       finish_row();
       DistillBenchRow row;
-      row.stage = stage;
+      row.stage = options.stages.empty() ? stage : options.stages[static_cast<size_t>(stage - 1)];
       row.stage_name = line.value("stage_name", "");
       row.phase = phase;
       row.first_s = seconds;

@@ -17,6 +17,9 @@ struct DistillBenchOptions {
   std::string recipe;      // the recipe whose stages and [train] settings are run
   int64_t resolution = 0;  // training images (square); 0: 256 for sdxl, 64 otherwise
   int64_t iterations = 1;  // per phase (every phase the recipe has)
+  // The recipe's stages to run, numbered from 1, increasing; empty: all. A first stage other
+  // than the recipe's own takes the random teacher as its teacher.
+  std::vector<int64_t> stages;
   int64_t batch = 1;
   std::string device = "cpu";
   std::string mixed_precision;  // "no" or "bf16"; empty: the recipe's

@@ -10,6 +10,7 @@
 #     phase of RECIPE (recipes/sdxl-lightning.toml), ITERATIONS (5) each, IMAGE (1024) pixels,
 #     BATCH (1) images, bf16 autocast; seconds per iteration, images/s and peak GPU memory per
 #     phase, and nvidia-smi's memory and load every 2 s (nvidia-smi.csv).
+#  5. STAGE_BATCH=N: then one stage of the recipe (STAGE, default 2) at batch N, if time is left.
 # BUDGET=SECONDS bounds the whole script: the dry run is stopped at it, and its metrics so far
 # (metrics.jsonl, a line per iteration) are kept. Logs and tables go to OUT (default gpu-check/).
 # Where the GPU machine lacks the other libraries, make them on Debian 12 first
@@ -85,4 +86,20 @@ status=0
 kill "$sampler" 2>/dev/null || true
 tail -40 "$out/distill-bench.log"
 cp "$work/run/metrics.jsonl" "$out/" 2>/dev/null || true
+
+# 5. STAGE_BATCH=N: then one stage (STAGE, default 2: the first adversarial one) at batch N, 3
+#    iterations per phase, if BUDGET leaves the time (3 minutes or more): how images/s and
+#    memory grow with the batch.
+if [[ -n ${STAGE_BATCH:-} ]] && { ((budget == 0)) || (($(left) >= 180)); }; then
+  step "stage ${STAGE:-2} at batch $STAGE_BATCH"
+  rm -rf "$work"
+  limit=()
+  if ((budget > 0)); then limit=(timeout --signal=INT --kill-after=10 $(($(left) - 15))); fi
+  "${limit[@]}" build-cuda/lightning bench --distill sdxl --recipe "$recipe" --stages "${STAGE:-2}" \
+    --image "${IMAGE:-1024}" --iterations 3 --batch "$STAGE_BATCH" --device cuda \
+    --mixed-precision bf16 --work-dir "$work" >"$out/stage-batch.log" 2>&1 ||
+    echo "stage ${STAGE:-2} at batch $STAGE_BATCH: exit $?"
+  tail -8 "$out/stage-batch.log"
+  cp "$work/run/metrics.jsonl" "$out/stage-batch-metrics.jsonl" 2>/dev/null || true
+fi
 step "done (dry run exit $status)"

@@ -534,6 +534,36 @@ TEST(SdxlLightningRecipe, BenchDryRunsEveryPhase) {
 
 // The memory estimate per phase: exact against the models' own counts on the tiny pipeline, and
 // the table of docs/benchmarks.md for SDXL's shapes (uninitialised: nothing becomes resident).
+// `--stages` dry-runs part of a recipe (a stage's memory and speed without the ones before it),
+// numbered as in the recipe; a stage the recipe lacks, or a list out of order, is named.
+TEST(SdxlLightningRecipe, BenchRunsTheChosenStagesOnly) {
+  const auto dir = test::temp_dir();
+  const auto recipe_path = test::source_path("recipes/sdxl-lightning.toml");
+  const auto bench = "bench --distill tiny-sdxl --recipe " + recipe_path +
+                     " --image 32 --iterations 1 --threads 2 --work-dir " + dir + " --stages ";
+  auto run = test::run_lightning(bench + "2,5");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  std::vector<std::string> rows;
+  const std::regex row(R"(\| (\d+ [\w-]+) \| (\w+) \| 1 \|)");
+  for (std::sregex_iterator it(run.output.begin(), run.output.end(), row), end; it != end; ++it)
+    rows.push_back((*it)[1].str() + " " + (*it)[2].str());
+  EXPECT_EQ(rows, (std::vector<std::string>{"2 32-to-8 conditional", "2 32-to-8 unconditional",
+                                            "2 32-to-8 full", "5 2-to-1 x0_warmup",
+                                            "5 2-to-1 conditional", "5 2-to-1 unconditional",
+                                            "5 2-to-1 full"}))
+      << run.output;
+
+  const auto missing = test::run_lightning(bench + "6");
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(missing.output.find("--stages 6: " + recipe_path + " has stages 1 to 5"),
+            std::string::npos)
+      << missing.output;
+  const auto backwards = test::run_lightning(bench + "3,2");
+  EXPECT_NE(backwards.exit_code, 0);
+  EXPECT_NE(backwards.output.find("in increasing order (2 after 3)"), std::string::npos)
+      << backwards.output;
+}
+
 TEST(SdxlLightningRecipe, MemoryEstimateOfEachPhase) {
   const auto recipe =
       distill::DistillRecipe::load(test::source_path("recipes/sdxl-lightning.toml"));
