@@ -32,6 +32,7 @@
 #include "io/json_config.h"
 #include "io/safetensors.h"
 #include "models/discriminator.h"
+#include "nn/autocast.h"
 #include "train/train_util.h"
 
 namespace lightning::distill {
@@ -527,6 +528,10 @@ void DistillRun::write_samples(size_t s, StageNetworks& nets, int64_t step) {
   if (!main_) return;
   const auto& stage = recipe_.stages[s];
   torch::NoGradGuard no_grad;
+  // In the training's precision, as diffusers' validation images are: under bf16 autocast
+  // with mixed_precision = "bf16" (on a GPU several times faster than float32 at 1024²).
+  const nn::AutocastScope autocast(
+      recipe_.mixed_precision == "bf16" ? nn::AutocastState::bf16() : nn::AutocastState::current());
   nets.student()->eval();
   generate::GenerateRequest req;
   std::vector<std::string> prompts = recipe_.sample_prompts;
