@@ -4,8 +4,8 @@
 #     output says whether the NCCL path is compiled in, and why not). Where src/dist/group.cpp
 #     does not compile against that libtorch with NCCL, it builds again without (the log says).
 #  2. TESTS=1: also builds the tests there and runs those that exercise CUDA (TEST_FILTER).
-#  3. SMOKE=1 (default): the whole SDXL recipe on the tiny SDXL-shaped pipeline on the GPU, a
-#     few seconds: the trainer's CUDA path end to end before the long run.
+#  3. SMOKE=1 (default): the whole SDXL recipe on the tiny SDXL-shaped pipeline on the GPU, about
+#     a minute: the trainer's CUDA path end to end before the long run.
 #  4. The distillation dry run of full-size SDXL (random weights) on the GPU: every stage and
 #     phase of RECIPE (recipes/sdxl-lightning.toml), ITERATIONS (5) each, IMAGE (1024) pixels,
 #     BATCH (1) images, bf16 autocast; seconds per iteration, images/s and peak GPU memory per
