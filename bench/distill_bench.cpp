@@ -223,12 +223,15 @@ std::vector<DistillBenchRow> run_distill_bench(
     const double elapsed = line.at("elapsed_s").get<double>();
     const double seconds = elapsed - previous_elapsed;
     previous_elapsed = elapsed;
-    const int64_t stage = line.at("stage").get<int64_t>();
+    // The run's stage (1, 2, ... of the stages it ran), shown as the recipe numbers it.
+    const int64_t run_stage = line.at("stage").get<int64_t>();
+    const int64_t stage =
+        options.stages.empty() ? run_stage : options.stages.at(static_cast<size_t>(run_stage - 1));
     const std::string phase = line.at("phase").get<std::string>();
     if (rows.empty() || rows.back().stage != stage || rows.back().phase != phase) {
       finish_row();
       DistillBenchRow row;
-      row.stage = options.stages.empty() ? stage : options.stages[static_cast<size_t>(stage - 1)];
+      row.stage = stage;
       row.stage_name = line.value("stage_name", "");
       row.phase = phase;
       row.first_s = seconds;

@@ -4,7 +4,7 @@
 # the system (scripts/setup.sh installs them on Debian) or from DEPS_PREFIX.
 #   scripts/build-cuda.sh                          # then: build-cuda/lightning generate --device cuda
 #   PYTHON=/opt/venv/bin/python3 DEPS_PREFIX=/opt/deps/usr scripts/build-cuda.sh -DLIGHTNING_TESTS=ON
-#   LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu build-cuda/lightning ...  # with DEPS_PREFIX
+#   LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu build-cuda/lightning ...  # with DEPS_PREFIX (x86-64)
 # Extra arguments go to cmake's configure step; TARGET (default lightning) picks what to build
 # (several: "lightning lightning_tests").
 set -euo pipefail
@@ -30,7 +30,9 @@ if [[ -n ${DEPS_PREFIX:-} ]]; then
   # Debian keeps some headers in a multiarch folder (libjpeg's jconfig.h, which sets its
   # version): take those from the prefix too, not the machine's own (with Ubuntu's, the
   # program stopped at "Wrong JPEG library version: library is 62, caller expects 80").
-  export CPATH=$DEPS_PREFIX/include/x86_64-linux-gnu${CPATH:+:$CPATH}
+  for multiarch in "$DEPS_PREFIX"/include/*-linux-gnu; do
+    if [[ -d $multiarch ]]; then export CPATH=$multiarch${CPATH:+:$CPATH}; fi
+  done
 fi
 generator=()
 if command -v ninja >/dev/null; then generator=(-G Ninja); fi

@@ -29,7 +29,9 @@ if [[ -n ${DEPS:-} ]]; then
     DEPS_PREFIX=$(cd "$DEPS" && pwd)/usr
     export DEPS_PREFIX
   fi
-  export LD_LIBRARY_PATH=$DEPS_PREFIX/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  for multiarch in "$DEPS_PREFIX"/lib/*-linux-gnu; do  # x86_64-linux-gnu, aarch64-linux-gnu
+    if [[ -d $multiarch ]]; then export LD_LIBRARY_PATH=$multiarch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
+  done
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -38,13 +40,30 @@ fi
 
 budget=${BUDGET:-0}
 left() { echo $((budget - SECONDS)); }  # seconds left of BUDGET
+# Runs "$@" within what BUDGET leaves (less 15 s for what follows it) and at most CAP seconds
+# (0: no cap); with nothing left, says so and returns 124 without starting it.
+within() {
+  local limit=$1
+  shift
+  if ((budget > 0)); then
+    local rest=$(($(left) - 15))
+    if ((rest <= 0)); then
+      echo "no time left of BUDGET=$budget for: $*" >&2
+      return 124
+    fi
+    if ((limit == 0 || rest < limit)); then limit=$rest; fi
+  fi
+  if ((limit > 0)); then timeout --signal=INT --kill-after=10 "$limit" "$@"; else "$@"; fi
+}
 step() { echo "== $1 ($(date +%T), ${SECONDS} s)"; }
 step "build"
 tests=OFF target=lightning
 if [[ ${TESTS:-0} == 1 ]]; then tests=ON target="lightning lightning_tests"; fi
 build() { TARGET=$target scripts/build-cuda.sh -DLIGHTNING_TESTS=$tests "$@"; }
 if ! build -DLIGHTNING_WITH_NCCL=ON >"$out/build.log" 2>&1; then
-  if grep -q "src/dist/group.cpp\|nccl_check" "$out/build.log"; then
+  # NCCL's part failed: group.cpp did not compile, or the configure-time header check broke.
+  if grep -qE "FAILED: .*src/dist/group\.cpp\.o|src/dist/group\.cpp:[0-9]+:[0-9]+: error|nccl_check/" \
+    "$out/build.log"; then
     cp "$out/build.log" "$out/build-with-nccl.log"
     echo "the build with NCCL failed ($out/build-with-nccl.log); again without"
     build -DLIGHTNING_WITH_NCCL=OFF >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
@@ -65,22 +84,20 @@ fi
 recipe=${RECIPE:-recipes/sdxl-lightning.toml}
 if [[ ${SMOKE:-1} == 1 ]]; then
   step "tiny SDXL distillation on the GPU"
-  timeout 180 build-cuda/lightning bench --distill tiny-sdxl --recipe "$recipe" --image 64 \
+  within 180 build-cuda/lightning bench --distill tiny-sdxl --recipe "$recipe" --image 64 \
     --iterations 2 --device cuda --mixed-precision bf16 >"$out/tiny-distill.log" 2>&1 ||
     echo "tiny SDXL distillation failed (exit $?)"
   tail -25 "$out/tiny-distill.log"
 fi
 
 step "distillation dry run"
-limit=()
-if ((budget > 0)); then limit=(timeout --signal=INT --kill-after=10 $(($(left) - 15))); fi
 work=/tmp/lightning-distill-bench
 rm -rf "$work"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 2 \
   >"$out/nvidia-smi.csv" 2>/dev/null &
 sampler=$!
 status=0
-"${limit[@]}" build-cuda/lightning bench --distill sdxl --recipe "$recipe" --image "${IMAGE:-1024}" \
+within 0 build-cuda/lightning bench --distill sdxl --recipe "$recipe" --image "${IMAGE:-1024}" \
   --iterations "${ITERATIONS:-5}" --batch "${BATCH:-1}" --device cuda --mixed-precision bf16 \
   --work-dir "$work" >"$out/distill-bench.log" 2>&1 || status=$?
 kill "$sampler" 2>/dev/null || true
@@ -93,9 +110,7 @@ cp "$work/run/metrics.jsonl" "$out/" 2>/dev/null || true
 if [[ -n ${STAGE_BATCH:-} ]] && { ((budget == 0)) || (($(left) >= 180)); }; then
   step "stage ${STAGE:-2} at batch $STAGE_BATCH"
   rm -rf "$work"
-  limit=()
-  if ((budget > 0)); then limit=(timeout --signal=INT --kill-after=10 $(($(left) - 15))); fi
-  "${limit[@]}" build-cuda/lightning bench --distill sdxl --recipe "$recipe" --stages "${STAGE:-2}" \
+  within 0 build-cuda/lightning bench --distill sdxl --recipe "$recipe" --stages "${STAGE:-2}" \
     --image "${IMAGE:-1024}" --iterations 3 --batch "$STAGE_BATCH" --device cuda \
     --mixed-precision bf16 --work-dir "$work" >"$out/stage-batch.log" 2>&1 ||
     echo "stage ${STAGE:-2} at batch $STAGE_BATCH: exit $?"

@@ -540,17 +540,17 @@ TEST(SdxlLightningRecipe, BenchRunsTheChosenStagesOnly) {
   const auto dir = test::temp_dir();
   const auto recipe_path = test::source_path("recipes/sdxl-lightning.toml");
   const auto bench = "bench --distill tiny-sdxl --recipe " + recipe_path +
-                     " --image 32 --iterations 1 --threads 2 --work-dir " + dir + " --stages ";
+                     " --image 32 --iterations 2 --threads 2 --work-dir " + dir + " --stages ";
   auto run = test::run_lightning(bench + "2,5");
   ASSERT_EQ(run.exit_code, 0) << run.output;
-  std::vector<std::string> rows;
-  const std::regex row(R"(\| (\d+ [\w-]+) \| (\w+) \| 1 \|)");
+  std::vector<std::string> rows;  // stage, phase, iterations: a row per phase
+  const std::regex row(R"(\| (\d+ [\w-]+) \| (\w+) \| (\d+) \|)");
   for (std::sregex_iterator it(run.output.begin(), run.output.end(), row), end; it != end; ++it)
-    rows.push_back((*it)[1].str() + " " + (*it)[2].str());
-  EXPECT_EQ(rows, (std::vector<std::string>{"2 32-to-8 conditional", "2 32-to-8 unconditional",
-                                            "2 32-to-8 full", "5 2-to-1 x0_warmup",
-                                            "5 2-to-1 conditional", "5 2-to-1 unconditional",
-                                            "5 2-to-1 full"}))
+    rows.push_back((*it)[1].str() + " " + (*it)[2].str() + " " + (*it)[3].str());
+  EXPECT_EQ(rows, (std::vector<std::string>{"2 32-to-8 conditional 2", "2 32-to-8 unconditional 2",
+                                            "2 32-to-8 full 2", "5 2-to-1 x0_warmup 2",
+                                            "5 2-to-1 conditional 2", "5 2-to-1 unconditional 2",
+                                            "5 2-to-1 full 2"}))
       << run.output;
 
   const auto missing = test::run_lightning(bench + "6");
