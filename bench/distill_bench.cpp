@@ -205,13 +205,13 @@ std::vector<DistillBenchRow> run_distill_bench(
   auto finish_row = [&] {
     if (rows.empty()) return;
     auto& row = rows.back();
-    if (later.empty()) row.peak_memory_gb = row.first_peak_gb;
     if (!later.empty()) {
       std::nth_element(later.begin(), later.begin() + static_cast<long>(later.size() / 2),
                        later.end());
       row.seconds = later[later.size() / 2];
-    } else {
+    } else {  // one iteration: the first is all there is
       row.seconds = row.first_s;
+      row.peak_memory_gb = row.first_peak_gb;
     }
     row.images_per_s = static_cast<double>(options.batch) / std::max(row.seconds, 1e-9);
     later.clear();

@@ -30,7 +30,9 @@ if [[ -n ${DEPS:-} ]]; then
     export DEPS_PREFIX
   fi
   for multiarch in "$DEPS_PREFIX"/lib/*-linux-gnu; do  # x86_64-linux-gnu, aarch64-linux-gnu
-    if [[ -d $multiarch ]]; then export LD_LIBRARY_PATH=$multiarch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
+    if [[ -d $multiarch ]]; then
+      export LD_LIBRARY_PATH=$multiarch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
   done
 fi
 {

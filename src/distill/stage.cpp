@@ -29,10 +29,6 @@ models::UNetInputs unet_inputs(const torch::Tensor& x, const torch::Tensor& t,
   return in;
 }
 
-nn::AutocastState precision(bool bf16) {
-  return bf16 ? nn::AutocastState::bf16() : nn::AutocastState::current();
-}
-
 std::vector<torch::Tensor> values(const NamedTensors& named) {
   std::vector<torch::Tensor> out;
   for (const auto& [name, t] : named)
@@ -226,20 +222,20 @@ generate::TextToImageModel StageNetworks::student_model() const {
 
 torch::Tensor StageNetworks::student_output(const torch::Tensor& x, const torch::Tensor& t,
                                             const Conditioning& c) {
-  const nn::AutocastScope autocast(precision(bf16_));
+  const nn::AutocastScope autocast(nn::AutocastState::bf16_or_current(bf16_));
   return student_->forward(unet_inputs(x, t, c)).to(torch::kFloat32);
 }
 
 ConditionedModel StageNetworks::teacher_model() {
   return [this](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
-    const nn::AutocastScope autocast(precision(bf16_));
+    const nn::AutocastScope autocast(nn::AutocastState::bf16_or_current(bf16_));
     return teacher_.unet->forward(unet_inputs(x, t, c)).to(torch::kFloat32);
   };
 }
 
 torch::Tensor StageNetworks::discriminator_features(const torch::Tensor& x, const torch::Tensor& t,
                                                     const Conditioning& c) {
-  const nn::AutocastScope autocast(precision(bf16_));
+  const nn::AutocastScope autocast(nn::AutocastState::bf16_or_current(bf16_));
   return disc_->features(unet_inputs(x, t, c));
 }
 
@@ -248,7 +244,7 @@ torch::Tensor StageNetworks::discriminator_logits(const torch::Tensor& x, const 
                                                   const torch::Tensor& features_t,
                                                   bool conditional) {
   auto f = discriminator_features(x, t, c);
-  const nn::AutocastScope autocast(precision(bf16_));
+  const nn::AutocastScope autocast(nn::AutocastState::bf16_or_current(bf16_));
   return (conditional ? disc_->conditional(f, features_t) : disc_->unconditional(f))
       .to(torch::kFloat32);
 }

@@ -531,7 +531,7 @@ void DistillRun::write_samples(size_t s, StageNetworks& nets, int64_t step) {
   // In the training's precision, as diffusers' validation images are: under bf16 autocast
   // with mixed_precision = "bf16" (on a GPU several times faster than float32 at 1024²).
   const nn::AutocastScope autocast(
-      recipe_.mixed_precision == "bf16" ? nn::AutocastState::bf16() : nn::AutocastState::current());
+      nn::AutocastState::bf16_or_current(recipe_.mixed_precision == "bf16"));
   nets.student()->eval();
   generate::GenerateRequest req;
   std::vector<std::string> prompts = recipe_.sample_prompts;

@@ -14,6 +14,10 @@ struct AutocastState {
 
   // bf16 autocast on both devices (the paper's bf16 mixed precision).
   static AutocastState bf16() { return {true, true, at::kBFloat16, at::kBFloat16}; }
+  // A recipe's mixed precision: bf16() when `bf16`, else the state already in force.
+  static AutocastState bf16_or_current(bool bf16) {
+    return bf16 ? AutocastState::bf16() : current();
+  }
   bool enabled() const { return cpu || cuda; }
 
 // libtorch 2.4 replaced the per-device autocast functions by ones taking the device type.
