@@ -59,6 +59,7 @@ void add_cache_command(CLI::App& app) {
                                             : torch::kFloat16;
     options.resolution = recipe.resolution;
     options.max_aspect = recipe.max_aspect;
+    options.bucket_step = recipe.bucket_step;
     const auto result = train::write_cache(model, recipe.teacher, recipe.source, options);
     std::printf("%s\n", args->out.c_str());
     if (result.skipped)

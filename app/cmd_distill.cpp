@@ -104,7 +104,11 @@ void add_distill_command(CLI::App& app) {
             "--nproc {}: WORLD_SIZE is set already (this process is a rank of a launched "
             "job); use one or the other",
             args->nproc);
-      distill::DistillRecipe::load(args->recipe);  // refuse a bad recipe before starting ranks
+      // What would stop every rank alike is refused once, before any starts.
+      const auto recipe = distill::DistillRecipe::load(args->recipe);
+      if (recipe.batch_size % args->nproc != 0)
+        fail_usage("{}: [train] batch_size = {} does not split evenly over {} ranks", args->recipe,
+                   recipe.batch_size, args->nproc);
       const int threads =
           std::max(1, (args->threads > 0 ? args->threads : available_cores()) / args->nproc);
       std::vector<std::string> rank_args = {"distill",
@@ -134,15 +138,21 @@ void add_distill_command(CLI::App& app) {
       set_log_rank(env->rank);
       group = dist::Group::connect(*env, std::chrono::seconds(args->dist_timeout), device);
     }
-    const auto recipe = distill::DistillRecipe::load(args->recipe);
-    distill::DistillOptions options;
-    options.group = &group;
-    options.out_dir = out;
-    options.models_root = shipped_models_root();
-    options.resume = args->resume;
-    options.device = device;
-    if (args->until > 0) options.until = args->until;
-    const auto result = distill::run_distillation(recipe, options);
+    distill::DistillResult result;
+    try {
+      const auto recipe = distill::DistillRecipe::load(args->recipe);
+      distill::DistillOptions options;
+      options.group = &group;
+      options.out_dir = out;
+      options.models_root = shipped_models_root();
+      options.resume = args->resume;
+      options.device = device;
+      if (args->until > 0) options.until = args->until;
+      result = distill::run_distillation(recipe, options);
+    } catch (const std::exception& e) {
+      group.report_failure(e.what());  // the other ranks name it instead of waiting
+      throw;
+    }
     if (group.is_main())
       for (const auto& dir : result.model_dirs)
         std::printf("%s\n", dir.c_str());

@@ -288,7 +288,8 @@ DataBenchResult run_data_bench(const DataBenchOptions& options,
   data::BatcherOptions batching;
   batching.batch_size = options.batch;
   batching.channels = 3;
-  batching.buckets = data::make_buckets(options.resolution, 64, options.max_aspect);
+  batching.buckets = data::make_buckets(
+      options.resolution, data::bucket_step(0, options.resolution, 8), options.max_aspect);
   data::BucketBatcher batcher(stream, batching);
   for (int64_t i = 0; i < options.warmup; ++i)
     batcher.next();

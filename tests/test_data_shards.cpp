@@ -1,8 +1,11 @@
 // Data at scale: brace patterns, WebDataset tar shards, image folders, image codecs, the sample
 // stream (ranks, shuffle buffer, bad records, exact resume) and aspect-ratio buckets.
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <set>
+// jpeglib.h needs FILE and size_t declared first.
+#include <jpeglib.h>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -124,6 +127,54 @@ TEST(ImageCodecs, DecodePngJpegWebp) {
   EXPECT_EQ(io::to_channels(white, 1).min().item<int>(), 255);
 }
 
+// A CMYK JPEG of `stored` (uint8 [4, H, W], the values as the file stores them) written as
+// libjpeg writes one (with an Adobe marker), in `space` (JCS_CMYK or JCS_YCCK).
+std::string encode_cmyk_jpeg(const torch::Tensor& stored, J_COLOR_SPACE space) {
+  jpeg_compress_struct info{};
+  jpeg_error_mgr error{};
+  info.err = jpeg_std_error(&error);
+  jpeg_create_compress(&info);
+  unsigned char* buffer = nullptr;
+  unsigned long size = 0;
+  jpeg_mem_dest(&info, &buffer, &size);
+  info.image_height = static_cast<JDIMENSION>(stored.size(1));
+  info.image_width = static_cast<JDIMENSION>(stored.size(2));
+  info.input_components = 4;
+  info.in_color_space = JCS_CMYK;
+  jpeg_set_defaults(&info);
+  jpeg_set_colorspace(&info, space);
+  jpeg_set_quality(&info, 95, TRUE);
+  jpeg_start_compress(&info, TRUE);
+  const auto hwc = stored.permute({1, 2, 0}).contiguous();
+  while (info.next_scanline < info.image_height) {
+    JSAMPROW row = hwc.data_ptr<uint8_t>() + info.next_scanline * info.image_width * 4;
+    jpeg_write_scanlines(&info, &row, 1);
+  }
+  jpeg_finish_compress(&info);
+  jpeg_destroy_compress(&info);
+  std::string out(reinterpret_cast<const char*>(buffer), size);
+  std::free(buffer);
+  return out;
+}
+
+TEST(ImageCodecs, CmykJpegsAreReadAsPillowReadsThem) {
+  // Adobe files store the inks inverted: stored (R, G, B, 255) is those colours with no black
+  // ink; stored K = 128 darkens them to 128/255.
+  const auto smooth =
+      (torch::arange(24).view({1, 24, 1}) * 2 + torch::arange(40).view({1, 1, 40}) * 4 +
+       torch::arange(3).view({3, 1, 1}) * 20)
+          .to(torch::kUInt8);
+  for (int64_t k : {255, 128})
+    for (J_COLOR_SPACE space : {JCS_CMYK, JCS_YCCK}) {
+      SCOPED_TRACE(fmt::format("K {} space {}", k, static_cast<int>(space)));
+      const auto stored = torch::cat({smooth, torch::full({1, 24, 40}, k, torch::kUInt8)});
+      const auto rgb = io::decode_image(encode_cmyk_jpeg(stored, space), "cmyk.jpg");
+      ASSERT_EQ(rgb.sizes(), (std::vector<int64_t>{3, 24, 40}));
+      const auto want = smooth.to(torch::kFloat32) * static_cast<float>(k) / 255;
+      EXPECT_LT((rgb.to(torch::kFloat32) - want).abs().mean().item<float>(), 2.5f);
+    }
+}
+
 TEST(TarShards, ReadsWebDatasetSamples) {
   const auto dir = test::temp_dir();
   const auto rgb = test_image(3, 20, 30);
@@ -131,10 +182,14 @@ TEST(TarShards, ReadsWebDatasetSamples) {
     data::TarShardWriter tar(dir + "/a.tar");
     tar.add("x/000.jpg", io::encode_jpeg(rgb));
     tar.add("x/000.txt", "  a red dress \n");
+    tar.add("x/._001.png", "AppleDouble");  // macOS tar's metadata members: in no sample
     tar.add("x/001.png", io::encode_png(rgb));
+    tar.add("x/._001.json", "AppleDouble");
     tar.add("x/001.json", R"({"caption": "a sneaker", "width": 30})");
     tar.add("x/002.WEBP", io::encode_webp_lossless(rgb));
-    tar.add("x/002.txt", "an ankle boot");
+    tar.add("x/002.txt",
+            "\xEF\xBB\xBF"
+            "an ankle boot");  // a byte-order mark: dropped
     tar.add("x/002.meta.json", "{}");
     tar.add("README", "not part of any sample");
     tar.close();
@@ -256,21 +311,31 @@ TEST(TarShards, TruncatedShardYieldsWhatPrecedesTheDamage) {
 }
 
 TEST(ImageFolder, CaptionFilesAndShards) {
-  const auto dir = test::temp_dir() + "/imgs";
+  const auto top = test::temp_dir(), dir = top + "/imgs";
   fs::create_directories(dir + "/sub");
+  fs::create_directories(top + "/pool");
   write_all(dir + "/b.png", io::encode_png(test_image(3, 8, 8)));
   write_all(dir + "/b.txt", "bee");
   write_all(dir + "/sub/a.JPG", io::encode_jpeg(test_image(3, 8, 8)));
   write_all(dir + "/sub/a.caption", "ay");
   write_all(dir + "/c.webp", io::encode_webp_lossless(test_image(3, 8, 8)));
   write_all(dir + "/c.json", R"({"text": "sea"})");
+  write_all(dir + "/d.PNG", io::encode_png(test_image(3, 8, 8)));
+  write_all(dir + "/d.TXT", "dee");  // upper-case names, as some cameras and tools write them
+  write_all(dir + "/e.png", "not an image");
+  write_all(dir + "/e.txt", "broken");
+  // A link to an image elsewhere is an image of the link's name, captioned beside the link.
+  write_all(top + "/pool/p.png", io::encode_png(test_image(3, 8, 8, 5)));
+  fs::create_symlink("../pool/p.png", dir + "/link.png");
+  write_all(dir + "/link.txt", "linked");
   write_all(dir + "/lonely.png", io::encode_png(test_image(3, 8, 8)));
   int64_t uncaptioned = 0;
   const auto shards = data::list_image_folder(dir, 2, &uncaptioned);
   EXPECT_EQ(uncaptioned, 1);
-  ASSERT_EQ(shards.size(), 2u);
+  ASSERT_EQ(shards.size(), 3u);
   EXPECT_THAT(shards[0].images, ElementsAre("b.png", "c.webp"));
-  EXPECT_THAT(shards[1].images, ElementsAre("sub/a.JPG"));
+  EXPECT_THAT(shards[1].images, ElementsAre("d.PNG", "e.png"));
+  EXPECT_THAT(shards[2].images, ElementsAre("link.png", "sub/a.JPG"));
   data::DataSource source;
   source.image_folder = dir;
   source.folder_shard_size = 2;
@@ -278,9 +343,27 @@ TEST(ImageFolder, CaptionFilesAndShards) {
   source.seed = 3;
   data::SampleStream stream(source);
   std::set<std::string> captions;
-  for (int i = 0; i < 3; ++i)
-    captions.insert(stream.next().caption);
-  EXPECT_EQ(captions, (std::set<std::string>{"bee", "ay", "sea"}));
+  data::Sample sample;
+  while (stream.next_of_epoch(&sample)) {  // one pass
+    captions.insert(sample.caption);
+    if (sample.caption == "linked") {
+      EXPECT_EQ(sample.key, "link.png");
+      EXPECT_TRUE(torch::equal(sample.image, test_image(3, 8, 8, 5)));
+    }
+  }
+  EXPECT_EQ(captions, (std::set<std::string>{"bee", "ay", "sea", "dee", "linked"}));
+  EXPECT_EQ(stream.stats().skipped, 1);
+  // A bad file is named by its path in the folder.
+  data::FolderShardReader reader(shards[1]);
+  data::RawSample raw;
+  ASSERT_TRUE(reader.next(raw, true));
+  ASSERT_TRUE(reader.next(raw, true));
+  try {
+    data::decode_sample(raw, dir);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("imgs:e.png: not a PNG, JPEG or WebP image"));
+  }
   EXPECT_THROW(data::list_image_folder(dir + "/b.png", 2), Error);
 }
 
@@ -324,6 +407,20 @@ TEST(Buckets, SdxlListAndFitting) {
     EXPECT_LE(std::max(k.height, k.width), 4 * std::min(k.height, k.width));
   }
   EXPECT_EQ(data::make_buckets(32, 8, 1.0).size(), 1u);
+  // The automatic step: SDXL's 64 at 1024, resolution / 16 elsewhere, dividing the resolution.
+  EXPECT_EQ(data::bucket_step(0, 1024, 8), 64);
+  EXPECT_EQ(data::bucket_step(0, 512, 8), 32);
+  EXPECT_EQ(data::bucket_step(0, 960, 8), 48);
+  EXPECT_EQ(data::bucket_step(0, 64, 8), 8);
+  EXPECT_EQ(data::bucket_step(0, 32, 4), 4);
+  EXPECT_EQ(data::bucket_step(128, 1024, 8), 128);
+  for (int64_t bad : {60, 96, -8})
+    try {
+      data::bucket_step(bad, 1024, 8);
+      ADD_FAILURE() << bad;
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("bucket_step"));
+    }
   EXPECT_EQ(b[data::nearest_bucket(b, 600, 1000)], (data::Bucket{768, 1280}));  // 0.6 exactly
   EXPECT_EQ(b[data::nearest_bucket(b, 500, 500)], (data::Bucket{1024, 1024}));
 
@@ -338,6 +435,16 @@ TEST(Buckets, SdxlListAndFitting) {
   const auto same = data::fit_to_bucket(image, {60, 100}, 1, true, 7);
   EXPECT_TRUE(
       torch::allclose(same.pixels, io::to_channels(image, 1).to(torch::kFloat32) / 127.5 - 1));
+  // An image more than 4x off its bucket's aspect ratio is refused by name, before any resize
+  // (a 4000x1 strip covering 1024x1024 would take 25 GB).
+  try {
+    data::fit_to_bucket(torch::zeros({3, 1, 4000}, torch::kUInt8), {1024, 1024}, 3, false, 0,
+                        "s.tar:strip");
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("s.tar:strip: a 4000x1 (w x h) image is 4000.0 times"));
+  }
+  EXPECT_NO_THROW(data::fit_to_bucket(test_image(3, 16, 64), {16, 16}, 3, false, 0));  // 4x
   // Random crops differ by seed and stay inside the resized image.
   const auto a = data::fit_to_bucket(test_image(3, 100, 100), {32, 64}, 3, true, 1);
   EXPECT_EQ(a.time_ids[0], 100);
@@ -388,6 +495,67 @@ TEST(BucketBatcher, BatchesOneBucketAndResumesExactly) {
   data::SampleStream stream3(source);
   data::BucketBatcher wrong(stream3, other);
   EXPECT_THROW(wrong.restore(state), Error);
+
+  // The same shards moved elsewhere resume; another shard list is refused, naming both.
+  fs::create_directories(dir + "/moved");
+  for (int s = 0; s < 3; ++s)
+    fs::copy_file(fmt::format("{}/b-{}.tar", dir, s), fmt::format("{}/moved/b-{}.tar", dir, s));
+  auto moved = source;
+  moved.shards = dir + "/moved/b-{0..2}.tar";
+  data::SampleStream stream4(moved);
+  data::BucketBatcher relocated(stream4, options);
+  relocated.restore(state);
+  EXPECT_TRUE(same(relocated.next(), after[0]));
+  auto fewer = source;
+  fewer.shards = dir + "/b-{0..1}.tar";
+  data::SampleStream stream5(fewer);
+  data::BucketBatcher changed(stream5, options);
+  try {
+    changed.restore(state);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("made from other data (3 shards"));
+  }
+}
+
+TEST(BucketBatcher, ImagesFarFromEveryBucketAreSkippedNotFitted) {
+  const auto dir = test::temp_dir();
+  {
+    data::TarShardWriter tar(dir + "/mixed.tar");
+    for (int i = 0; i < 4; ++i) {
+      const auto key = fmt::format("{}", i);
+      // Every other image a 200x2 strip: 120 times wider than the widest bucket (40x24).
+      tar.add(key + ".png", io::encode_png(i % 2 ? test_image(3, 2, 200) : test_image(3, 16, 16)));
+      tar.add(key + ".txt", fmt::format("caption {}", i));
+    }
+    tar.close();
+    data::TarShardWriter strips(dir + "/strips.tar");
+    strips.add("0.png", io::encode_png(test_image(3, 2, 200)));
+    strips.add("0.txt", "a strip");
+    strips.close();
+  }
+  data::BatcherOptions options;
+  options.batch_size = 2;
+  options.channels = 3;
+  options.buckets = data::make_buckets(32, 8, 2.0);
+  data::DataSource source;
+  source.shards = dir + "/mixed.tar";
+  source.shuffle_buffer = 1;
+  data::SampleStream stream(source);
+  data::BucketBatcher batcher(stream, options);
+  const auto batch = batcher.next();
+  EXPECT_EQ(batch.captions, (std::vector<std::string>{"caption 0", "caption 2"}));
+  EXPECT_EQ(stream.stats().skipped, 1);  // caption 1; caption 3 is not read yet
+  // Data of such images alone ends with a line, not a loop without end.
+  source.shards = dir + "/strips.tar";
+  data::SampleStream only_strips(source);
+  data::BucketBatcher none(only_strips, options);
+  try {
+    none.next();
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("no usable sample"));
+  }
 }
 
 TEST(BatchPrefetcher, TheBatcherBatchesAndStateAndItsErrorsInTurn) {

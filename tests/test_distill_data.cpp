@@ -169,6 +169,8 @@ TEST(DistillData, RecipeRefusesBadDataKeys) {
   EXPECT_THAT(error_of("dataset = \"webdataset\""), HasSubstr("shards"));
   EXPECT_THAT(error_of("dataset = \"webdataset\"\nshards = \"a.tar\"\nmax_aspect = 0.5"),
               HasSubstr("max_aspect"));
+  EXPECT_THAT(error_of("dataset = \"webdataset\"\nshards = \"a.tar\"\nbucket_step = -8"),
+              HasSubstr("[data]: key 'bucket_step': must be >= 0"));
   EXPECT_THAT(error_of("dataset = \"image-folder\"\ndir = \"x\"\nshard = \"a.tar\""),
               HasSubstr("shard"));
   EXPECT_THAT(error_of("dataset = \"webdataset\"\nshards = \"a.tar\"\nprefetch = -1"),
@@ -205,6 +207,17 @@ TEST(DistillData, TwoRanksReadTheirOwnShards) {
   r = test::run_lightning(base + " --nproc 2 --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(fs::exists(dir + "/run/stage-2-2-to-1/model/model_index.json"));
+  // The metrics count every rank's skipped records and damaged shards, not rank 0's alone.
+  std::ifstream metrics(dir + "/run/metrics.jsonl");
+  std::string line, last;
+  while (std::getline(metrics, line))
+    last = line;
+  const auto m = nlohmann::json::parse(last);
+  const auto end = io::read_json_file(dir + "/run/checkpoint/data.json").at("ranks");
+  EXPECT_EQ(m.at("data_skipped").get<int64_t>(),
+            end[0].at("skipped").get<int64_t>() + end[1].at("skipped").get<int64_t>());
+  EXPECT_EQ(m.at("data_damaged_shards").get<int64_t>(), 0);
+  EXPECT_GE(m.at("data_skipped").get<int64_t>(), 2);
 }
 
 // The cache: one pass over the shards, encoded; training reads it (and resumes exactly) without
@@ -283,6 +296,21 @@ TEST(Cli, CacheCommand) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("cache: 40 samples in 1 shard(s)"));
   EXPECT_TRUE(fs::exists(dir + "/c/cache-000000.tar"));
+  EXPECT_TRUE(fs::exists(dir + "/c/cache-probe.safetensors"));
+  // Made again over itself: replaced. Over a directory of something else, or over the data it
+  // is made from: refused, and nothing there is touched.
+  r = test::run_lightning("cache --recipe " + dir + "/r.toml --out " + dir + "/c");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  fs::create_directories(dir + "/mine");
+  std::ofstream(dir + "/mine/notes.md") << "mine";
+  r = test::run_lightning("cache --recipe " + dir + "/r.toml --out " + dir + "/mine");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("mine: exists and is not an earlier output (it has no "
+                                  "cache.json): not replaced"));
+  EXPECT_TRUE(fs::exists(dir + "/mine/notes.md"));
+  r = test::run_lightning("cache --recipe " + dir + "/r.toml --out " + dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("holds the data it would be made from"));
   r = test::run_lightning("cache --recipe " + test::source_path("recipes/quick-distill.toml") +
                           " --out " + dir + "/d");
   EXPECT_EQ(r.exit_code, 2);

@@ -26,6 +26,8 @@
 #include <torch/torch.h>
 #include <nlohmann/json.hpp>
 
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
 #include "core/error.h"
 #include "dist/group.h"
 #include "io/safetensors.h"
@@ -73,6 +75,15 @@ std::string rank_command(int rank, int world, int port, const std::string& args)
   return "RANK=" + std::to_string(rank) + " WORLD_SIZE=" + std::to_string(world) +
          " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " + LIGHTNING_BIN + " " +
          args;
+}
+
+// Two ranks started by hand on `port`: rank 1 in the background (its output in `rank1_log`),
+// rank 0 in the foreground, whose result this is. `setup` (shell: cd, variables) precedes each.
+test::CommandResult two_ranks(int port, const std::string& rank0_args,
+                              const std::string& rank1_args, const std::string& rank1_log,
+                              const std::string& setup0 = "", const std::string& setup1 = "") {
+  return test::run_command("(" + setup1 + rank_command(1, 2, port, rank1_args) + " > " + rank1_log +
+                           " 2>&1 &) ; " + setup0 + rank_command(0, 2, port, rank0_args));
 }
 
 // The quick recipe with a first stage too long to finish during a test, to stop it from outside.
@@ -195,6 +206,16 @@ TEST(Dist, LaunchEnvironmentIsReadAndCheckedNamingTheVariable) {
   EXPECT_NE(error_with("MASTER_ADDR", nullptr).find("MASTER_ADDR"), std::string::npos);
   for (const char* v : {"WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"})
     ::unsetenv(v);
+  // A rank without its job (WORLD_SIZE forgotten) is refused, not trained as a single process.
+  ::setenv("RANK", "1", 1);
+  try {
+    dist::launch_env_from_environment();
+    ADD_FAILURE() << "RANK without WORLD_SIZE";
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("RANK=1 is set but WORLD_SIZE is not"), std::string::npos)
+        << e.what();
+  }
+  ::unsetenv("RANK");
 
   // A group of one: every collective is the identity.
   const dist::Group single;
@@ -388,14 +409,9 @@ TEST(Dist, UnreachableRendezvousAndMismatchedRecipesAreRefused) {
   const auto other = dir + "/other.toml";
   fs::copy_file(quick_recipe(), other);
   std::ofstream(other, std::ios::app) << "\n# changed\n";
-  const auto mismatch = test::run_command(
-      "(" +
-      rank_command(1, 2, port2,
-                   "distill --recipe " + other + " --out " + dir + "/m --dist-timeout 30") +
-      " > " + dir + "/rank1.txt 2>&1 &) ; " +
-      rank_command(
-          0, 2, port2,
-          "distill --recipe " + quick_recipe() + " --out " + dir + "/m --dist-timeout 30"));
+  const auto mismatch = two_ranks(
+      port2, "distill --recipe " + quick_recipe() + " --out " + dir + "/m --dist-timeout 30",
+      "distill --recipe " + other + " --out " + dir + "/m --dist-timeout 30", dir + "/rank1.txt");
   EXPECT_EQ(mismatch.exit_code, 1) << mismatch.output;
   EXPECT_NE(mismatch.output.find("the recipe and options differ between rank 0 and rank 1"),
             std::string::npos)
@@ -505,4 +521,119 @@ TEST(Dist, ACheckpointThatCannotBeWrittenLeavesThePreviousOne) {
   auto again = test::run_lightning(args + "--resume --until 10");
   ASSERT_EQ(again.exit_code, 0) << again.output;
   EXPECT_EQ(checkpoint_iteration(run), 10);
+}
+
+// Rank 0's work alone (checkpoints, samples, stage models) may outlast the collectives' timeout:
+// the others wait while it shows signs of life, and its error reaches them by name.
+TEST(Dist, WorkOnRankZeroAloneOutlastsTheTimeoutAndItsErrorReachesTheOthers) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "no Gloo in this build";
+  dist::LaunchEnv env;
+  env.world_size = 2;
+  env.master_port = unused_port();
+  std::vector<std::string> outcome(2);
+  auto rank = [&](int r) {
+    auto e = env;
+    e.rank = r;
+    try {
+      const auto group = dist::Group::connect(e, std::chrono::seconds(1));
+      group.main_only("a slow write", [] { std::this_thread::sleep_for(std::chrono::seconds(3)); });
+      outcome[static_cast<size_t>(r)] = "ok";
+      group.main_only("a failing write", [] { fail("disk full"); });
+      outcome[static_cast<size_t>(r)] = "no error";
+    } catch (const Error& e) {
+      outcome[static_cast<size_t>(r)] = e.what();
+    }
+  };
+  std::thread one(rank, 1);
+  rank(0);
+  one.join();
+  EXPECT_EQ(outcome[0], "disk full");
+  EXPECT_EQ(outcome[1], "rank 1: rank 0 failed while a failing write: disk full");
+}
+
+// Under torchrun the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True): every rank
+// connects to it, under the restart's prefix, instead of rank 0 hosting its own on the same port.
+TEST(Dist, RanksJoinTorchrunsAgentStore) {
+  const auto dir = test::temp_dir();
+  const int port = unused_port();
+  c10d::TCPStoreOptions o;
+  o.port = static_cast<uint16_t>(port);
+  o.isServer = true;
+  o.waitWorkers = false;
+  const auto agent = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", o);
+  const std::string agent_env = "TORCHELASTIC_USE_AGENT_STORE=True TORCHELASTIC_RESTART_COUNT=3 ";
+  const std::string args = "distill --recipe " + quick_recipe() + " --out " + dir +
+                           "/run --threads 1 --until 2 --dist-timeout 60";
+  const auto run = two_ranks(port, args, args, dir + "/rank1.txt", agent_env, agent_env);
+  EXPECT_EQ(run.exit_code, 0) << run.output << read_text(dir + "/rank1.txt");
+  EXPECT_TRUE(agent->check({"/worker/attempt_3/lightning/joined/1"}));
+  EXPECT_EQ(checkpoint_iteration(dir + "/run"), 2);
+}
+
+// Start-up faults end every rank at once with the cause, not after the timeout as "stopped
+// responding": a rank that never comes is named; a rank that fails its own checks is named with
+// its error; ranks that do not share --out find out before training.
+TEST(Dist, StartUpFaultsNameTheRankAndTheCause) {
+  const auto dir = test::temp_dir();
+  const auto started = std::chrono::steady_clock::now();
+  auto alone = test::run_command(rank_command(
+      0, 2, unused_port(),
+      "distill --recipe " + quick_recipe() + " --out " + dir + "/alone --dist-timeout 3"));
+  EXPECT_EQ(alone.exit_code, 1) << alone.output;
+  EXPECT_NE(alone.output.find("rank 0: rank(s) 1 of 2 did not join"), std::string::npos)
+      << alone.output;
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(30));
+
+  // Rank 1's batch does not split over 2 ranks: rank 0 names rank 1 and its reason.
+  auto odd = read_text(quick_recipe());
+  const auto at = odd.find("batch_size = 8");
+  ASSERT_NE(at, std::string::npos);
+  odd.replace(at, 14, "batch_size = 7");
+  std::ofstream(dir + "/odd.toml") << odd;
+  auto failed =
+      two_ranks(unused_port(),
+                "distill --recipe " + quick_recipe() + " --out " + dir + "/f --dist-timeout 120",
+                "distill --recipe " + dir + "/odd.toml --out " + dir + "/f --dist-timeout 120",
+                dir + "/rank1.txt");
+  EXPECT_EQ(failed.exit_code, 1) << failed.output;
+  EXPECT_NE(failed.output.find("rank 1 failed: "), std::string::npos) << failed.output;
+  EXPECT_NE(failed.output.find("batch_size = 7 does not split evenly over 2 ranks"),
+            std::string::npos)
+      << failed.output;
+
+  // The same relative --out from two working directories: two directories, refused.
+  fs::create_directories(dir + "/a");
+  fs::create_directories(dir + "/b");
+  const std::string args = "distill --recipe " + quick_recipe() + " --out run --dist-timeout 60";
+  auto apart = two_ranks(unused_port(), args, args, dir + "/apart1.txt", "cd " + dir + "/a && ",
+                         "cd " + dir + "/b && ");
+  EXPECT_EQ(apart.exit_code, 1) << apart.output;
+  EXPECT_NE(apart.output.find("rank 1 failed: "), std::string::npos) << apart.output;
+  EXPECT_NE(apart.output.find("--out run does not hold what rank 0 just wrote there"),
+            std::string::npos)
+      << apart.output;
+  EXPECT_FALSE(fs::exists(dir + "/a/run/metrics.jsonl"));
+}
+
+// A launcher killed outright (SIGKILL: no chance to pass anything on) takes its ranks along:
+// they get SIGTERM from the kernel and stop as on Ctrl-C, instead of training on as orphans.
+TEST(Dist, AKilledLauncherTakesItsRanksAlong) {
+  const auto dir = test::temp_dir();
+  BackgroundJob job(dir, "distill --recipe " + long_recipe(dir) + " --out " + dir +
+                             "/run --nproc 2 --threads 2 --dist-timeout 30");
+  ASSERT_TRUE(job.wait_for_training(dir + "/run/metrics.jsonl", std::chrono::seconds(120)))
+      << job.log();
+  ASSERT_EQ(::kill(job.leader(), SIGKILL), 0);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  auto alive = [](pid_t pid) {  // a zombie (exited, not yet reaped by its new parent) is not
+    const auto stat = read_text(fmt::format("/proc/{}/stat", pid));
+    const auto state = stat.find(") ");
+    return state != std::string::npos && stat.compare(state + 2, 1, "Z") != 0;
+  };
+  while ((alive(job.rank_pid(0)) || alive(job.rank_pid(1))) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(alive(job.rank_pid(0))) << job.log();
+  EXPECT_FALSE(alive(job.rank_pid(1))) << job.log();
+  EXPECT_NE(job.log().find("checkpoint written"), std::string::npos) << job.log();
 }

@@ -7,6 +7,7 @@
 #include <regex>
 
 #include <ATen/autocast_mode.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <nlohmann/json.hpp>
@@ -33,6 +34,7 @@
 
 namespace fs = std::filesystem;
 using namespace lightning;
+using ::testing::HasSubstr;
 
 namespace {
 
@@ -442,6 +444,35 @@ TEST(DistillSdxl, TinyPipelineOnShardsAndOnACache) {
       distill::run_distillation(distill::DistillRecipe::load(dir + "/cached.toml"), options);
   ASSERT_EQ(cached.model_dirs.size(), 1u);
   expect_finite_metrics(dir + "/cached-run/metrics.jsonl", 2);
+
+  // The cache is checked against the encoders that read it (its probe): the same model with f16
+  // weights passes; another VAE scaling, or another text encoder, is refused naming it.
+  const auto fixture = test::source_path("tests/fixtures/sdxl/tiny-sdxl-pipeline");
+  models::ModelLoadOptions half;
+  half.weights_dtype = torch::kHalf;
+  EXPECT_NO_THROW(train::read_cache_index(dir + "/cache", generate::load_model(fixture, half)));
+  auto rescaled = generate::load_model(fixture, {});
+  rescaled.vae->config.scaling_factor *= 4;
+  try {
+    train::read_cache_index(dir + "/cache", rescaled);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("cache.json: this model's VAE differs from the one the cache "
+                                    "was made with (tiny-sdxl): its output on the probe ('x') "
+                                    "differs by 300.0%"));
+  }
+  auto retrained = generate::load_model(fixture, {});
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : retrained.text_encoder_2->parameters())
+      p.mul_(1.2);
+  }
+  try {
+    train::read_cache_index(dir + "/cache", retrained);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("this model's text encoder differs"));
+  }
 }
 
 TEST(SdxlLightningRecipe, FollowsThePaper) {

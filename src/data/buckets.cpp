@@ -47,6 +47,43 @@ std::vector<Bucket> make_buckets(int64_t resolution, int64_t divisor, double max
   return out;
 }
 
+int64_t bucket_step(int64_t requested, int64_t resolution, int64_t model_multiple) {
+  if (requested > 0) {
+    if (requested % model_multiple != 0 || resolution % requested != 0)
+      fail(
+          "[data] bucket_step = {} must be a multiple of the model's size multiple {} that divides "
+          "the resolution {}",
+          requested, model_multiple, resolution);
+    return requested;
+  }
+  if (requested < 0) fail("[data] bucket_step = {} must be >= 0 (0: automatic)", requested);
+  for (int64_t step = resolution / 16 / model_multiple * model_multiple; step > model_multiple;
+       step -= model_multiple)
+    if (resolution % step == 0) return step;
+  return model_multiple;
+}
+
+void check_aspect(int64_t height, int64_t width, const Bucket& bucket, const std::string& what) {
+  const double off = std::exp(
+      std::abs(std::log(static_cast<double>(height) / static_cast<double>(width)) -
+               std::log(static_cast<double>(bucket.height) / static_cast<double>(bucket.width))));
+  if (off > kMaxAspectOverBucket)
+    fail(
+        "{}: a {}x{} (w x h) image is {:.1f} times wider or taller than its bucket {}x{}: a crop "
+        "would keep {:.0f}% of it (the limit is {}x; a larger [data] max_aspect gives wider "
+        "buckets)",
+        what, width, height, off, bucket.width, bucket.height, 100 / off, kMaxAspectOverBucket);
+}
+
+void skip_unfitting_images(SampleStream& stream, std::vector<Bucket> buckets) {
+  stream.set_filter([buckets = std::move(buckets)](const Sample& sample, const std::string& name) {
+    if (sample.cached.empty())
+      check_aspect(sample.image.size(1), sample.image.size(2),
+                   buckets[nearest_bucket(buckets, sample.image.size(1), sample.image.size(2))],
+                   name);
+  });
+}
+
 size_t nearest_bucket(const std::vector<Bucket>& buckets, int64_t height, int64_t width) {
   if (buckets.empty()) fail("buckets: none defined");
   const double aspect = std::log(static_cast<double>(height) / static_cast<double>(width));
@@ -65,8 +102,9 @@ size_t nearest_bucket(const std::vector<Bucket>& buckets, int64_t height, int64_
 }
 
 Fitted fit_to_bucket(const torch::Tensor& image, const Bucket& bucket, int64_t channels,
-                     bool random_crop, uint64_t seed) {
+                     bool random_crop, uint64_t seed, const std::string& what) {
   const int64_t H = image.size(1), W = image.size(2);
+  check_aspect(H, W, bucket, what);
   const double scale = std::max(static_cast<double>(bucket.height) / static_cast<double>(H),
                                 static_cast<double>(bucket.width) / static_cast<double>(W));
   const int64_t rh = std::max<int64_t>(bucket.height, std::llround(static_cast<double>(H) * scale));
@@ -98,6 +136,7 @@ BucketBatcher::BucketBatcher(SampleStream& stream, BatcherOptions options)
   if (options_.buckets.empty()) fail("batcher: no bucket");
   if (options_.batch_size < 1) fail("batcher: batch size must be >= 1");
   waiting_.resize(options_.buckets.size());
+  skip_unfitting_images(stream_, options_.buckets);
 }
 
 size_t BucketBatcher::bucket_of_cached(const Sample& sample) const {
@@ -130,16 +169,12 @@ void BucketBatcher::add(Sample sample) {
     return;
   }
   const size_t b = nearest_bucket(options_.buckets, sample.image.size(1), sample.image.size(2));
-  Waiting w{
-      sample.epoch,
-      sample.where,
+  const std::string name = stream_.shard_name(sample.where.shard) + ":" + sample.key;
+  auto fitted =
       fit_to_bucket(sample.image, options_.buckets[b], options_.channels, options_.random_crop,
-                    crop_seed(options_.seed, sample.epoch, sample.where)),
-      {},
-      {},
-      std::move(sample.caption),
-      stream_.shard_name(sample.where.shard) + ":" + sample.key};
-  waiting_[b].push_back(std::move(w));
+                    crop_seed(options_.seed, sample.epoch, sample.where), name);
+  waiting_[b].push_back(
+      {sample.epoch, sample.where, std::move(fitted), {}, {}, std::move(sample.caption), name});
 }
 
 Batch BucketBatcher::next() {
@@ -183,6 +218,7 @@ nlohmann::json BucketBatcher::state() const {
     for (const auto& w : waiting_[b])
       waiting.push_back({b, w.epoch, w.where.shard, w.where.ordinal});
   return {{"stream", stream_.position().to_json()},
+          {"source", stream_.fingerprint()},
           {"buckets", buckets_json(options_.buckets)},
           {"samples", stream_.stats().samples},
           {"skipped", stream_.stats().skipped},
@@ -195,6 +231,11 @@ void BucketBatcher::restore(const nlohmann::json& state) {
   if (state.at("buckets") != buckets_json(options_.buckets) ||
       state.at("batch_size") != options_.batch_size)
     fail("data: the checkpoint was made with other buckets or another batch size");
+  if (state.contains("source") && state.at("source") != stream_.fingerprint())
+    fail(
+        "data: the checkpoint was made from other data ({}; now {}): the shard list or the image "
+        "folder's files changed, and the saved position means nothing in them",
+        state.at("source").get<std::string>(), stream_.fingerprint());
   stream_.restore(StreamPosition::from_json(state.at("stream")));
   std::vector<std::pair<int64_t, SampleKey>> keys;
   for (const auto& w : state.at("waiting"))

@@ -37,6 +37,12 @@ struct Bucket {
 // 2048x512), without the few lower-area neighbours SDXL's list also has (e.g. 1024x960).
 std::vector<Bucket> make_buckets(int64_t resolution, int64_t divisor, double max_aspect);
 
+// The step of the buckets' sides: `requested` when > 0 (a multiple of the model's own size
+// multiple that divides the resolution), else resolution / 16 rounded down to a multiple of the
+// model's that divides the resolution (at least the model's): 64 at 1024 (SDXL's list, kohya's
+// bucket_reso_steps), 32 at 512. Throws Error naming [data] bucket_step for a bad request.
+int64_t bucket_step(int64_t requested, int64_t resolution, int64_t model_multiple);
+
 // The bucket whose aspect ratio is closest to h/w (on a log scale; ties: the first).
 size_t nearest_bucket(const std::vector<Bucket>& buckets, int64_t height, int64_t width);
 
@@ -48,10 +54,24 @@ struct Fitted {
   std::array<int64_t, 6> time_ids{};
 };
 
+// An image whose aspect ratio is more than this many times its bucket's (a banner or a strip)
+// is refused by fit_to_bucket: a crop would keep under a quarter of it, and the resize to cover
+// the bucket would grow without bound (a 4000x1 image covering 1024x1024: 25 GB).
+constexpr double kMaxAspectOverBucket = 4.0;
+
+// Throws Error naming `what` for an h x w image whose aspect ratio is more than
+// kMaxAspectOverBucket times `bucket`'s.
+void check_aspect(int64_t height, int64_t width, const Bucket& bucket, const std::string& what);
+
+// Makes `stream` skip (count and log, as bad records) the images that check_aspect refuses for
+// their nearest bucket, so that an epoch of such images alone ends as one without usable samples.
+void skip_unfitting_images(SampleStream& stream, std::vector<Bucket> buckets);
+
 // Resizes uint8 [C, H, W] (bilinear, antialiased) so that it covers `bucket`, then crops to it:
 // at a random offset drawn from `seed` (random_crop) or at the centre; converts to `channels`.
+// Throws Error naming `what` for an image too far from the bucket's aspect ratio (above).
 Fitted fit_to_bucket(const torch::Tensor& image, const Bucket& bucket, int64_t channels,
-                     bool random_crop, uint64_t seed);
+                     bool random_crop, uint64_t seed, const std::string& what = "image");
 
 struct Batch {
   // float [B, C, h, w] in [-1, 1], one bucket; for cached samples the model's input space
@@ -75,8 +95,9 @@ struct BatcherOptions {
 };
 
 // Turns a SampleStream into batches: samples wait in their bucket until it holds batch_size,
-// then the bucket is emitted. The state (the stream position and the samples waiting) is small
-// JSON, so a resumed run continues with the same batches.
+// then the bucket is emitted. It sets the stream's filter: images too far from every bucket's
+// aspect ratio (check_aspect) are skipped as bad records. The state (the stream position and the
+// samples waiting) is small JSON, so a resumed run continues with the same batches.
 class BucketBatcher {
  public:
   BucketBatcher(SampleStream& stream, BatcherOptions options);

@@ -120,6 +120,22 @@ const std::vector<std::string>& caption_extensions() {
   return e;
 }
 
+// The caption file of an image folder's image: the same name with extension .txt, .caption or
+// .json (in that order of preference, any case: "a.JPG" + "a.TXT"), or empty if there is none.
+fs::path caption_file(const fs::path& image) {
+  std::error_code ec;
+  for (const auto& c : caption_extensions()) {
+    std::string upper = c;
+    for (auto& ch : upper)
+      ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    for (const auto& e : {c, upper}) {
+      const fs::path p = fs::path(image).replace_extension("." + e);
+      if (fs::is_regular_file(p, ec)) return p;
+    }
+  }
+  return {};
+}
+
 std::string trim(const std::string& s) {
   const auto is_space = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
   size_t a = 0, b = s.size();
@@ -224,12 +240,15 @@ bool TarShardReader::next(RawSample& sample, bool load) {
     }
     std::string key, ext;
     split_member_name(pending_name_, &key, &ext);
-    if (!sample.key.empty() && key != sample.key) break;  // the member starts the next sample
-    has_pending_ = false;
-    if (ext.empty()) {  // not part of any sample
+    // A member of no sample (no extension, or a hidden file such as macOS tar's "._0001.jpg")
+    // is passed over without ending the sample around it, as WebDataset's grouping does.
+    if (ext.empty()) {
+      has_pending_ = false;
       if (archive_read_data_skip(archive_) < ARCHIVE_WARN) return damaged("truncated member");
       continue;
     }
+    if (!sample.key.empty() && key != sample.key) break;  // the member starts the next sample
+    has_pending_ = false;
     sample.key = key;
     std::string bytes;
     if (load) {
@@ -320,10 +339,10 @@ std::vector<FolderShard> list_image_folder(const std::string& root, int64_t shar
     if (ext.size() < 2 || std::find(image_extensions().begin(), image_extensions().end(),
                                     ext.substr(1)) == image_extensions().end())
       continue;
-    bool captioned = false;
-    for (const auto& c : caption_extensions())
-      captioned = captioned || fs::exists(fs::path(p).replace_extension("." + c), ec);
-    const std::string rel = fs::relative(p, root, ec).generic_string();
+    const bool captioned = !caption_file(p).empty();
+    // Relative to the root as listed: a symbolic link is an image of its own name, captioned
+    // beside the link (fs::relative would resolve it to its target).
+    const std::string rel = p.lexically_relative(root).generic_string();
     if (!captioned) {
       if (missing++ == 0) first_missing = rel;
       continue;
@@ -356,19 +375,17 @@ bool FolderShardReader::next(RawSample& sample, bool load) {
   if (next_ >= shard_.images.size()) return false;
   const fs::path rel = shard_.images[next_++];
   const fs::path image = fs::path(shard_.root) / rel;
-  sample.key = fs::path(rel).replace_extension().generic_string();
+  sample.key = rel.generic_string();  // with its extension: messages name the file
   std::string bytes;
   // An unreadable file gives an empty field: decode_sample names it; the key sequence is kept.
   if (load) io::read_file_bytes(image.string(), &bytes);
   sample.fields.emplace(lower(image.extension().string().substr(1)), std::move(bytes));
-  for (const auto& c : caption_extensions()) {
-    const fs::path caption = fs::path(image).replace_extension("." + c);
-    std::error_code ec;
-    if (!fs::exists(caption, ec)) continue;
+  const fs::path caption = caption_file(image);
+  if (!caption.empty()) {
     std::string text;
     if (load) io::read_file_bytes(caption.string(), &text);
+    const std::string c = lower(caption.extension().string().substr(1));
     sample.fields.emplace(c == "caption" ? "txt" : c, std::move(text));
-    break;
   }
   return true;
 }
@@ -417,6 +434,7 @@ Sample decode_sample(const RawSample& raw, const std::string& where) {
   size_t bad = 0;
   if (!text::is_valid_utf8(caption, &bad))
     fail("{}: the caption is not UTF-8 (bad byte at offset {})", name, bad);
+  if (caption.rfind("\xEF\xBB\xBF", 0) == 0) caption.erase(0, 3);  // a byte-order mark
   out.caption = trim(caption);
   out.image = io::decode_image(*image, name);
   return out;

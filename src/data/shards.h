@@ -109,7 +109,7 @@ class FolderShardReader : public ShardReader {
 struct Sample {
   SampleKey where;
   int64_t epoch = 0;
-  std::string key;      // the record's key (tar) or relative path without extension (folder)
+  std::string key;      // the record's key (tar) or the image's path in its folder
   torch::Tensor image;  // uint8 [C, H, W], C = 1 or 3; undefined for a cached sample
   std::string caption;  // UTF-8, surrounding white space removed
   // A cached sample (a "safetensors" member, written by `lightning cache`): "x" (the image in the

@@ -43,8 +43,8 @@ SampleStream::SampleStream(const DataSource& source, int rank, int world)
     }
   } else {
     folder_shards_ = list_image_folder(source.image_folder, source.folder_shard_size);
-    for (const auto& s : folder_shards_)
-      names_.push_back(fmt::format("{}/{}", source.image_folder, s.images.front()));
+    // Every shard is named by the folder: its records' keys are the files' paths in it.
+    names_.assign(folder_shards_.size(), source.image_folder);
   }
   if (num_shards() < world)
     fail("data: {} shard(s) cannot be shared by {} ranks: every rank needs at least one",
@@ -56,6 +56,25 @@ SampleStream::SampleStream(const DataSource& source, int rank, int world)
 }
 
 SampleStream::~SampleStream() = default;
+
+std::string SampleStream::fingerprint() const {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bits
+  auto add = [&](const std::string& s) {
+    for (unsigned char c : s + '\n')
+      h = (h ^ c) * 1099511628211ull;
+  };
+  if (folder_shards_.empty()) {
+    for (const auto& name : names_)
+      add(fs::path(name).filename().string());
+  } else {
+    for (const auto& shard : folder_shards_) {
+      for (const auto& image : shard.images)
+        add(image);
+      add("");  // the shard boundaries matter too
+    }
+  }
+  return fmt::format("{} shards, {:016x}", names_.size(), h);
+}
 
 std::vector<int64_t> SampleStream::shards_of_epoch(int64_t epoch) const {
   std::vector<int64_t> all(names_.size());
@@ -90,7 +109,7 @@ void SampleStream::start_epoch(int64_t epoch) {
   usable_in_epoch_ = 0;
 }
 
-void SampleStream::note_skip(const std::string& what) {
+void SampleStream::skip(const std::string& what) {
   ++stats_.skipped;
   if (stats_.skipped <= kSkipLogFull)
     spdlog::warn("data: skipped {}", what);
@@ -140,28 +159,33 @@ bool SampleStream::take(Record* record, bool load) {
   return true;
 }
 
-Sample SampleStream::next() {
-  while (true) {
-    Record r;
-    if (!take(&r, /*load=*/true)) {
-      if (usable_in_epoch_ == 0)
-        fail(
-            "data: epoch {} gave rank {} no usable sample from its {} shard(s) ({} skipped in all)",
-            epoch_, rank_, order_.size(), stats_.skipped);
-      start_epoch(epoch_ + 1);
-      continue;
-    }
+bool SampleStream::next_of_epoch(Sample* sample) {
+  Record r;
+  while (take(&r, /*load=*/true)) {
     try {
-      Sample s = decode_sample(r.raw, shard_name(r.key.shard));
-      s.where = r.key;
-      s.epoch = epoch_;
+      *sample = decode_sample(r.raw, shard_name(r.key.shard));
+      if (filter_) filter_(*sample, shard_name(r.key.shard) + ":" + r.raw.key);
+      sample->where = r.key;
+      sample->epoch = epoch_;
       ++usable_in_epoch_;
       ++stats_.samples;
-      return s;
+      return true;
     } catch (const Error& e) {
-      note_skip(e.what());
+      skip(e.what());
     }
   }
+  return false;
+}
+
+Sample SampleStream::next() {
+  Sample s;
+  while (!next_of_epoch(&s)) {
+    if (usable_in_epoch_ == 0)
+      fail("data: epoch {} gave rank {} no usable sample from its {} shard(s) ({} skipped in all)",
+           epoch_, rank_, order_.size(), stats_.skipped);
+    start_epoch(epoch_ + 1);
+  }
+  return s;
 }
 
 void SampleStream::restore(const StreamPosition& position) {

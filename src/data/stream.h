@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -52,6 +53,9 @@ class SampleStream {
   // The next usable sample, with its epoch and key; epochs follow one another without end.
   // Throws Error if a whole epoch gives this rank no usable sample.
   Sample next();
+  // The next usable sample of the current epoch, or false at its end (the stream stays there;
+  // next() then starts the following epoch). For one pass over the data.
+  bool next_of_epoch(Sample* sample);
 
   StreamPosition position() const { return {epoch_, taken_}; }
   // Moves to `position` (of a stream with the same source, seed, rank and world).
@@ -61,6 +65,11 @@ class SampleStream {
   // order given. Throws Error if one cannot be found or decoded any more.
   std::vector<Sample> load(const std::vector<std::pair<int64_t, SampleKey>>& epoch_keys);
 
+  // A check of each decoded sample (given with its "shard:key" name) that throws Error to skip
+  // it as a bad record; it must depend on the sample alone, so that a resumed run skips alike.
+  using Filter = std::function<void(const Sample&, const std::string& name)>;
+  void set_filter(Filter filter) { filter_ = std::move(filter); }
+
   const StreamStats& stats() const { return stats_; }
   // A resumed stream carries on the counts of the run it continues.
   void set_stats(const StreamStats& stats) { stats_ = stats; }
@@ -68,6 +77,10 @@ class SampleStream {
   const std::string& shard_name(int64_t shard) const {
     return names_.at(static_cast<size_t>(shard));
   }
+  // A fingerprint of the data's layout: the shards' file names in order (not their folders, so
+  // that data moved elsewhere still matches), or an image folder's file list. A position is only
+  // meaningful for data of the same fingerprint.
+  std::string fingerprint() const;
   // The shards this rank reads in `epoch`, in order.
   std::vector<int64_t> shards_of_epoch(int64_t epoch) const;
 
@@ -80,13 +93,13 @@ class SampleStream {
   // The records at `keys` with their bytes, in the order given (each shard scanned once).
   std::vector<RawSample> reread(const std::vector<SampleKey>& keys) const;
   void start_epoch(int64_t epoch);
+  void skip(const std::string& what);
   bool pull(bool load);                  // one record from the shards into the buffer
   bool take(Record* record, bool load);  // one record out of the buffer; false at epoch end
-  void note_skip(const std::string& what);
 
   DataSource source_;
   int rank_, world_;
-  std::vector<std::string> names_;          // shard names (tar paths, or folder:first..last)
+  std::vector<std::string> names_;          // shard names (tar paths, or the folder)
   std::vector<FolderShard> folder_shards_;  // image folder only
   int64_t epoch_ = 0, taken_ = 0;
   std::vector<int64_t> order_;  // this rank's shards in this epoch
@@ -97,6 +110,7 @@ class SampleStream {
   std::mt19937_64 rng_;
   int64_t usable_in_epoch_ = 0;
   StreamStats stats_;
+  Filter filter_;
 };
 
 }  // namespace lightning::data

@@ -1,7 +1,10 @@
 #include "dist/group.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <exception>
+#include <future>
 #include <thread>
 
 #include <fmt/format.h>
@@ -27,6 +30,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 #include <torch/version.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -62,11 +66,43 @@ std::string first_line(const std::string& s) {
 
 const std::string kPrefix = "lightning/";
 
+std::vector<uint8_t> bytes(const std::string& s) {
+  return std::vector<uint8_t>(s.begin(), s.end());
+}
+
+std::string text(const std::vector<uint8_t>& v) {
+  return std::string(v.begin(), v.end());
+}
+
+// torchrun (static rendezvous, or PyTorch >= 2.4 by default) hosts the store in its own agent
+// and tells the workers to connect to it, under a prefix per restart, rather than rank 0
+// hosting one (which would find the port taken).
+bool use_agent_store() {
+  const char* v = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  return v && std::string(v) == "True";
+}
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string out;
+  for (int r : ranks)
+    out += (out.empty() ? "" : ", ") + std::to_string(r);
+  return out;
+}
+
 }  // namespace
 
 std::optional<LaunchEnv> launch_env_from_environment() {
   const char* world = std::getenv("WORLD_SIZE");
-  if (!world || !*world) return std::nullopt;
+  if (!world || !*world) {
+    // As PyTorch's env:// rendezvous: a rank without its job is a launch gone wrong (several
+    // hosts writing one run directory as single processes), not a single process.
+    if (const char* rank = std::getenv("RANK"); rank && *rank)
+      fail_usage(
+          "RANK={} is set but WORLD_SIZE is not: a distributed launch needs RANK, WORLD_SIZE, "
+          "MASTER_ADDR and MASTER_PORT (unset RANK to train in one process)",
+          rank);
+    return std::nullopt;
+  }
   LaunchEnv env;
   env.world_size = int_env("WORLD_SIZE", 1, 1 << 16);
   env.rank = int_env("RANK", 0, env.world_size - 1);
@@ -85,12 +121,14 @@ struct Group::Impl {
   std::string where;  // MASTER_ADDR:MASTER_PORT
   std::chrono::milliseconds timeout{0};
   c10::Device device = c10::kCPU;
+  bool agent_store = false;  // torchrun's agent hosts the store, not rank 0
   c10::intrusive_ptr<c10d::Store> store;
   // Gloo's or NCCL's: since libtorch 2.0 these are c10d::Backends, no longer ProcessGroups.
+  // Mutable: a failure drops it (diagnose()).
 #if TORCH_VERSION_MAJOR >= 2
-  c10::intrusive_ptr<c10d::Backend> pg;
+  mutable c10::intrusive_ptr<c10d::Backend> pg;
 #else
-  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  mutable c10::intrusive_ptr<c10d::ProcessGroup> pg;
 #endif
 #ifdef LIGHTNING_NCCL
   c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;  // = pg on GPUs
@@ -98,12 +136,51 @@ struct Group::Impl {
   mutable bool failed = false;  // a collective failed: NCCL's communicators are aborted, not shut
   mutable double waited_s = 0;
   mutable int64_t gathers = 0;  // all_gather calls so far (their store keys)
+  mutable int64_t solos = 0;    // main_only calls so far (their store keys)
+
+  // What rank `r` reported when it failed (report_failure), or "".
+  std::string failure_of(int r) const {
+    const auto key = kPrefix + "failed/" + std::to_string(r);
+    return store->check({key}) ? text(store->get(key)) : std::string();
+  }
+
+  // The value of `key` once some rank sets it, polling the store: a rank that reports a failure
+  // meanwhile ends the wait at once, naming it, and so does the timeout.
+  std::vector<uint8_t> wait_for_key(const std::string& key) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      if (store->check({key})) return store->get(key);
+      for (int r = 0; r < size; ++r)
+        if (r != rank)
+          if (const auto why = failure_of(r); !why.empty()) fail("rank {} failed: {}", r, why);
+      if (std::chrono::steady_clock::now() > deadline)
+        fail("no answer within {:g} s", std::chrono::duration<double>(timeout).count());
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+
+  // Closes this rank's connections of the process group, so that peers blocked in a collective
+  // with it fail now (and come to the store to say who is alive) instead of after the timeout.
+  // Gloo only; bounded, in case the group's threads are stuck.
+  void drop_connections() const {
+    if (!device.is_cpu() || !pg) return;
+    auto closed = std::make_shared<std::promise<void>>();
+    auto done = closed->get_future();
+    std::thread([p = std::move(pg), closed]() mutable {
+      p.reset();
+      closed->set_value();
+    }).detach();  // if it is still closing after the wait, it finishes (or ends) on its own
+    done.wait_for(std::chrono::seconds(3));
+  }
 
   // Which peers stopped: every rank that is still alive leaves a mark in the store, and those
-  // that leave none within a few seconds are named. If the store itself is gone, rank 0 is.
+  // that leave none within a few seconds are named, with the error they reported if they did.
+  // If the store itself is gone, rank 0 (its host) is. Rank 0 then keeps the store up until the
+  // other survivors have made their own diagnosis (or a few seconds pass).
   std::string diagnose() const {
+    drop_connections();
     try {
-      store->set(kPrefix + "alive/" + std::to_string(rank), std::vector<uint8_t>{1});
+      store->set(kPrefix + "alive/" + std::to_string(rank), bytes("1"));
       std::vector<int> missing;
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
       for (;;) {
@@ -111,20 +188,37 @@ struct Group::Impl {
         for (int r = 0; r < size; ++r)
           if (!store->check({kPrefix + "alive/" + std::to_string(r)})) missing.push_back(r);
         if (missing.empty() || std::chrono::steady_clock::now() > deadline) break;
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
       }
-      if (missing.empty()) return "a collective failed on every rank";
-      std::string names;
-      for (int r : missing) {
-        std::string last = "none";
-        const auto key = kPrefix + "step/" + std::to_string(r);
-        if (store->check({key})) {
-          const auto v = store->get(key);
-          last.assign(v.begin(), v.end());
+      std::string message = "a collective failed on every rank";
+      if (!missing.empty()) {
+        std::string silent, failed;
+        for (int r : missing) {
+          if (const auto why = failure_of(r); !why.empty()) {
+            failed += fmt::format("{}rank {} failed: {}", failed.empty() ? "" : "; ", r, why);
+            continue;
+          }
+          std::string last = "none";
+          const auto key = kPrefix + "step/" + std::to_string(r);
+          if (store->check({key})) last = text(store->get(key));
+          silent +=
+              fmt::format("{}rank {} (last iteration: {})", silent.empty() ? "" : ", ", r, last);
         }
-        names += fmt::format("{}rank {} (last iteration: {})", names.empty() ? "" : ", ", r, last);
+        message = failed;
+        if (!silent.empty())
+          message += fmt::format("{}{} of {} stopped responding", failed.empty() ? "" : "; ",
+                                 silent, size);
       }
-      return fmt::format("{} of {} stopped responding", names, size);
+      store->set(kPrefix + "diagnosed/" + std::to_string(rank), bytes("1"));
+      if (rank == 0 && !agent_store) {
+        const auto linger = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+        for (int r = 1; r < size; ++r)
+          while (std::find(missing.begin(), missing.end(), r) == missing.end() &&
+                 !store->check({kPrefix + "diagnosed/" + std::to_string(r)}) &&
+                 std::chrono::steady_clock::now() < linger)
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      return message;
     } catch (const std::exception&) {
       return fmt::format("rank 0, which hosts the rendezvous at {}, stopped responding", where);
     }
@@ -133,10 +227,15 @@ struct Group::Impl {
   // Runs a collective; a failure becomes one line naming the rank that stopped.
   template <typename F>
   void collective(const char* what, F&& f) const {
+    if (failed) fail("rank {}: {}: not run, an earlier collective failed", rank, what);
     const auto start = std::chrono::steady_clock::now();
     try {
       f();
       waited_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    } catch (const Error& e) {  // a peer's reported failure (wait_for_key): it says it all
+      failed = true;
+      drop_connections();
+      fail("rank {}: {} failed: {}", rank, what, e.what());
     } catch (const c10::Error& e) {
       failed = true;
       fail("rank {}: {} failed: {} ({})", rank, what, diagnose(),
@@ -214,19 +313,48 @@ Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout,
          device.str());
   d.where = fmt::format("{}:{}", env.master_addr, env.master_port);
   const auto seconds = std::chrono::duration<double>(timeout).count();
+  d.agent_store = use_agent_store();
   try {
     c10d::TCPStoreOptions o;
     o.port = static_cast<uint16_t>(env.master_port);
-    o.isServer = env.rank == 0;
+    o.isServer = env.rank == 0 && !d.agent_store;
     o.numWorkers = env.world_size;
-    o.waitWorkers = true;
+    o.waitWorkers = false;  // the join below names the ranks that do not come
     o.timeout = timeout;
-    d.store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+    c10::intrusive_ptr<c10d::Store> tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+    if (d.agent_store) {  // as PyTorch's workers: one key space per restart of the job
+      const char* attempt = std::getenv("TORCHELASTIC_RESTART_COUNT");
+      tcp = c10::make_intrusive<c10d::PrefixStore>(
+          fmt::format("/worker/attempt_{}", attempt && *attempt ? attempt : "0"), tcp);
+    }
+    d.store = tcp;
   } catch (const std::exception& e) {
     fail(
         "rank {}: no rendezvous with {} ranks at MASTER_ADDR:MASTER_PORT = {} within {:g} s "
         "({})",
         env.rank, env.world_size, d.where, seconds, first_line(e.what()));
+  }
+  // Every rank checks in; after the timeout the ranks that never came are named.
+  try {
+    d.store->set(kPrefix + "joined/" + std::to_string(env.rank), bytes("1"));
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      std::vector<int> missing;
+      for (int r = 0; r < env.world_size; ++r)
+        if (!d.store->check({kPrefix + "joined/" + std::to_string(r)})) missing.push_back(r);
+      if (missing.empty()) break;
+      if (std::chrono::steady_clock::now() > deadline)
+        fail(
+            "rank {}: rank(s) {} of {} did not join at MASTER_ADDR:MASTER_PORT = {} within {:g} s "
+            "(is every rank started, with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT?)",
+            env.rank, rank_list(missing), env.world_size, d.where, seconds);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    fail("rank {}: the rendezvous at {} ended before every rank joined ({})", env.rank, d.where,
+         first_line(e.what()));
   }
   if (device.is_cuda()) {
 #ifdef LIGHTNING_NCCL
@@ -363,11 +491,9 @@ std::vector<std::string> Group::all_gather(const std::string& what,
   const auto key = [&](int r) { return kPrefix + "gather/" + call + "/" + std::to_string(r); };
   std::vector<std::string> values(static_cast<size_t>(size()));
   impl_->collective(what.c_str(), [&] {
-    impl_->store->set(key(rank()), std::vector<uint8_t>(value.begin(), value.end()));
-    for (int r = 0; r < size(); ++r) {
-      const auto v = impl_->store->get(key(r));  // waits for the key, up to the timeout
-      values[static_cast<size_t>(r)].assign(v.begin(), v.end());
-    }
+    impl_->store->set(key(rank()), bytes(value));
+    for (int r = 0; r < size(); ++r)
+      values[static_cast<size_t>(r)] = text(impl_->wait_for_key(key(r)));
   });
   return values;
 }
@@ -378,6 +504,103 @@ void Group::require_same(const std::string& what, const std::string& value) cons
     if (values[r] != values[0])
       fail("{} differ between rank 0 and rank {}: every rank must be started with the same", what,
            r);
+}
+
+void Group::main_only(const std::string& what, const std::function<void()>& work) const {
+  if (size() == 1) return work();
+  auto& d = *impl_;
+  const auto done_key = kPrefix + "solo/" + std::to_string(d.solos++);
+  const auto beat_key = done_key + "/beat";
+  if (is_main()) {
+    std::atomic<bool> done{false};
+    std::thread beat([&] {  // signs of life for the others while `work` runs
+      for (int64_t k = 1; !done; ++k) {
+        try {
+          d.store->set(beat_key, bytes(std::to_string(k)));
+        } catch (const std::exception&) {
+          return;
+        }
+        for (int i = 0; i < 10 && !done; ++i)
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
+    std::string outcome = "ok";
+    std::exception_ptr error;
+    try {
+      work();
+    } catch (const std::exception& e) {
+      outcome = std::string("error: ") + e.what();
+      error = std::current_exception();
+    }
+    done = true;
+    beat.join();
+    try {
+      d.store->set(done_key, bytes(outcome));
+    } catch (const std::exception& e) {
+      spdlog::debug("dist: cannot post the end of {}: {}", what, first_line(e.what()));
+    }
+    if (error) {
+      // The others read the error from this rank's store before it goes (a few seconds).
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      for (int r = 1; r < size(); ++r)
+        while (std::chrono::steady_clock::now() < until) {
+          try {
+            if (d.store->check({done_key + "/seen/" + std::to_string(r)})) break;
+          } catch (const std::exception&) {
+            break;
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+      std::rethrow_exception(error);
+    }
+    barrier();  // the others have read the outcome: rank 0 may go (and take the store along)
+    return;
+  }
+  // The others wait as long as rank 0 shows signs of life, and the timeout after its last one.
+  std::string last;
+  auto last_change = std::chrono::steady_clock::now();
+  for (;;) {
+    std::string outcome, seen;
+    try {
+      if (d.store->check({done_key})) outcome = text(d.store->get(done_key));
+      if (outcome.empty() && d.store->check({beat_key})) seen = text(d.store->get(beat_key));
+    } catch (const std::exception& e) {
+      d.failed = true;
+      fail("rank {}: rank 0, which hosts the rendezvous at {}, stopped responding while {} ({})",
+           rank(), d.where, what, first_line(e.what()));
+    }
+    if (outcome == "ok") {
+      barrier();
+      return;
+    }
+    if (!outcome.empty()) {
+      try {
+        d.store->set(done_key + "/seen/" + std::to_string(rank()), bytes("1"));
+      } catch (const std::exception&) {
+      }
+      d.failed = true;
+      fail("rank {}: rank 0 failed while {}: {}", rank(), what, outcome.substr(7));
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (seen != last) {
+      last = seen;
+      last_change = now;
+    } else if (now - last_change > d.timeout) {
+      d.failed = true;
+      fail("rank {}: rank 0 stopped responding while {} (no sign of life for {:g} s)", rank(), what,
+           std::chrono::duration<double>(d.timeout).count());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+void Group::report_failure(const std::string& message) const {
+  if (size() == 1 || !impl_->store) return;
+  try {
+    impl_->store->set(kPrefix + "failed/" + std::to_string(rank()), bytes(first_line(message)));
+  } catch (const std::exception&) {
+    // the store is gone: the others find out from rank 0's absence
+  }
 }
 
 void Group::heartbeat(int64_t step) const {

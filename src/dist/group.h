@@ -7,11 +7,13 @@
 // A Group of one process (the default) makes every collective the identity, so training code
 // calls them unconditionally. When a peer dies or stops answering, the collective fails within
 // the timeout and the error names the rank that stopped (from the heartbeats every rank leaves
-// in the store), instead of hanging.
+// in the store), or the error it reported, instead of hanging. Under torchrun's agent store
+// (TORCHELASTIC_USE_AGENT_STORE=True) every rank connects to the agent's store.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -80,6 +82,14 @@ class Group {
   double collective_seconds() const;
   // Records how far this rank got (an iteration), for the error when a peer stops.
   void heartbeat(int64_t step) const;
+  // Rank 0 runs `work` alone (a checkpoint, sample images, a stage's model: files) while the
+  // others wait for it as long as it shows signs of life: a write of SDXL's size may take longer
+  // than the collectives' timeout. They stop when rank 0 goes silent for the timeout, or with
+  // its error when `work` fails there. `what` names the work in those errors.
+  void main_only(const std::string& what, const std::function<void()>& work) const;
+  // Leaves `message` (this rank's fatal error) in the store, so that the others name it rather
+  // than a rank that stopped responding. Best effort; call it before exiting on an error.
+  void report_failure(const std::string& message) const;
 
  private:
   struct Impl;

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -70,6 +71,12 @@ int exit_code(int status) {
 int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::seconds grace) {
   if (nproc < 1) fail_usage("--nproc must be >= 1, got {}", nproc);
   const char* port_env = std::getenv("MASTER_PORT");
+  if (port_env && *port_env) {
+    char* end = nullptr;
+    const long v = std::strtol(port_env, &end, 10);
+    if (*end != '\0' || v < 1 || v > 65535)
+      fail_usage("MASTER_PORT={} is not an integer in [1, 65535]", port_env);
+  }
   const std::string port = port_env && *port_env ? port_env : std::to_string(free_port());
 
   // The environment of every rank: ours without the launch variables, plus the rank's.
@@ -109,12 +116,17 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::s
     for (auto& kv : env_s)
       envp.push_back(kv.data());
     envp.push_back(nullptr);
+    const pid_t parent = getpid();
     const pid_t pid = fork();
     if (pid < 0) {
       pass_on_signal(SIGTERM);
       fail("--nproc: cannot start rank {} ({})", r, std::strerror(errno));
     }
     if (pid == 0) {
+      // A launcher that dies (even by SIGKILL) takes its ranks along: they get SIGTERM, and
+      // stop as on Ctrl-C (one checkpoint), instead of training on as orphans.
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (getppid() != parent) _exit(1);  // it died before prctl
       execve("/proc/self/exe", argv.data(), envp.data());
       std::fprintf(stderr, "lightning: rank %d: cannot run /proc/self/exe (%s)\n", r,
                    std::strerror(errno));

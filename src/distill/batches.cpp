@@ -50,17 +50,21 @@ TrainingBatches::TrainingBatches(const DistillRecipe& recipe,
   auto source = recipe.source;
   int64_t resolution = recipe.resolution > 0 ? recipe.resolution : teacher.sample_size();
   double max_aspect = recipe.max_aspect;
+  int64_t step = 0;
   if (recipe.dataset == "cache") {  // encoded already, in the cache's buckets
     const auto index = train::read_cache_index(recipe.data_dir, teacher);
     source.shards = (fs::path(recipe.data_dir) / index.at("shards").get<std::string>()).string();
     resolution = index.at("resolution").get<int64_t>();
     max_aspect = index.at("max_aspect").get<double>();
+    step = index.at("divisor").get<int64_t>();
+  } else {
+    step = data::bucket_step(recipe.bucket_step, resolution, teacher.size_multiple());
   }
   stream_.emplace(source, group.rank(), group.size());
   data::BatcherOptions batching;
   batching.batch_size = rows_.count;
   batching.channels = teacher.image_channels();
-  batching.buckets = data::make_buckets(resolution, teacher.size_multiple(), max_aspect);
+  batching.buckets = data::make_buckets(resolution, step, max_aspect);
   smallest_side_ = resolution;
   for (const auto& bucket : batching.buckets)
     smallest_side_ = std::min({smallest_side_, bucket.height, bucket.width});
@@ -149,7 +153,12 @@ nlohmann::json TrainingBatches::gather_positions(const dist::Group& group) const
 void TrainingBatches::add_position(nlohmann::json& line) const {
   if (!streamed()) return;
   line["data_epoch"] = prefetcher_->state().at("stream").at("epoch");
-  line["data_skipped"] = prefetcher_->state().at("skipped");
+}
+
+std::array<double, 2> TrainingBatches::data_faults() const {
+  if (!streamed()) return {0, 0};
+  const auto& state = prefetcher_->state();
+  return {state.at("skipped").get<double>(), state.value("damaged_shards", 0.0)};
 }
 
 }  // namespace lightning::distill

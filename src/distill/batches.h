@@ -7,6 +7,7 @@
 // each rank keeps its rows: any number of ranks sees the numbers one process sees.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -74,8 +75,10 @@ class TrainingBatches {
   // Streamed data: every rank's position, for rank 0's checkpoint (a collective: every rank
   // calls it); null for Fashion-MNIST.
   nlohmann::json gather_positions(const dist::Group& group) const;
-  // Streamed data: this rank's epoch and the samples it skipped, into a metrics line.
+  // Streamed data: this rank's epoch, into a metrics line.
   void add_position(nlohmann::json& line) const;
+  // Streamed data: this rank's bad records skipped and damaged shards so far ({0, 0} otherwise).
+  std::array<double, 2> data_faults() const;
 
  private:
   TrainingBatch next_streamed(generate::TextToImageModel& teacher);

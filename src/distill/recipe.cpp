@@ -232,10 +232,12 @@ DistillRecipe DistillRecipe::from_json(const nlohmann::json& json, const std::st
       r.source.folder_shard_size = d.get_int("folder_shard_size", r.source.folder_shard_size);
       r.resolution = d.get_int("resolution", 0);
       r.max_aspect = d.get_double("max_aspect", r.max_aspect);
+      r.bucket_step = d.get_int("bucket_step", r.bucket_step);
       r.random_crop = d.get_bool("random_crop", r.random_crop);
       if (r.source.folder_shard_size < 1) d.fail_key("folder_shard_size", "must be >= 1");
       if (r.resolution < 0) d.fail_key("resolution", "must be >= 0 (0: the model's size)");
       if (!(r.max_aspect >= 1)) d.fail_key("max_aspect", "must be >= 1 (1: square crops only)");
+      if (r.bucket_step < 0) d.fail_key("bucket_step", "must be >= 0 (0: automatic)");
     } else if (r.dataset == "cache") {
       r.data_dir = d.require_string("dir");
       r.source.shuffle_buffer = d.get_int("shuffle_buffer", r.source.shuffle_buffer);

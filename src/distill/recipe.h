@@ -119,6 +119,7 @@ struct DistillRecipe {
   data::DataSource source;
   int64_t resolution = 0;
   double max_aspect = 1.0;  // 1: square crops only
+  int64_t bucket_step = 0;  // the buckets' sides step (0: automatic, data::bucket_step)
   bool random_crop = true;
   // Streamed data: batches read ahead on a background thread (0: read in the training loop).
   int64_t prefetch = 2;

@@ -1,6 +1,7 @@
 #include "distill/trainer.h"
 
 #include <signal.h>
+#include <unistd.h>
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -12,6 +13,8 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <random>
+#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -155,21 +158,25 @@ class MetricsLog {
 
 // The ranks' metrics averaged, and whether any rank was interrupted, so that every rank takes
 // the same decisions; each rank's compute time (without waiting on the others) is added as
-// rank<r>_compute_s. Returns whether any rank was interrupted.
+// rank<r>_compute_s, and `data_faults` (each rank's skipped records and damaged shards) become
+// the ranks' totals. Returns whether any rank was interrupted.
 bool agree_across_ranks(const dist::Group& group, std::map<std::string, double>& m,
-                        bool interrupted, double compute_s) {
+                        bool interrupted, double compute_s, std::array<double, 2>& data_faults) {
   if (group.size() == 1) return interrupted;
   std::vector<double> v;
   for (const auto& [name, x] : m)
     v.push_back(x);
   v.push_back(interrupted ? 1 : 0);
+  v.insert(v.end(), data_faults.begin(), data_faults.end());
   v.resize(v.size() + static_cast<size_t>(group.size()), 0.0);
-  v[m.size() + 1 + static_cast<size_t>(group.rank())] = compute_s;
+  v[m.size() + 3 + static_cast<size_t>(group.rank())] = compute_s;
   v = group.sum(v);
   size_t k = 0;
   for (auto& [name, x] : m)
     x = v[k++] / group.size();
   interrupted = v[k++] > 0;
+  for (auto& x : data_faults)
+    x = v[k++];
   for (int r = 0; r < group.size(); ++r)
     m[fmt::format("rank{}_compute_s", r)] = v[k++];
   return interrupted;
@@ -197,7 +204,8 @@ class DistillRun {
 
  private:
   void check_options();
-  void create_run_directory();
+  void create_run_directory();  // rank 0 makes it; every rank checks that it sees it
+  void make_run_directory();
   // Loads the recipe's teacher and checks the recipe against it (timesteps, memory).
   void load_teacher_and_check_recipe();
   // Reads the checkpoint's position when resuming and lists the stages finished before it;
@@ -250,6 +258,7 @@ class DistillRun {
   int64_t stop_ = 0;  // --until, or the total
   Position start_;    // where this process started
   bool interrupted_ = false;
+  std::array<double, 2> data_faults_{};       // all ranks' skipped records and damaged shards
   double elapsed_before_ = 0;                 // by the run before a resume
   std::vector<nlohmann::json> kept_metrics_;  // of the run being resumed
   std::optional<MetricsLog> metrics_;         // rank 0's
@@ -286,7 +295,37 @@ void DistillRun::check_options() {
 }
 
 void DistillRun::create_run_directory() {
-  if (!main_) return;
+  if (main_) make_run_directory();
+  if (group_.size() == 1) return;
+  // Every rank reads rank 0's files (each stage's model, the checkpoints): a --out that is not
+  // one directory shared by all is refused now rather than after the first stage.
+  const auto token_file = out_ / ".rank-0-was-here";
+  std::string token;
+  if (main_) {
+    token = fmt::format("{:016x}", std::random_device{}() * 0x9E3779B97F4A7C15ull ^
+                                       static_cast<uint64_t>(::getpid()));
+    io::write_file_atomic(token_file.string(), token);
+  }
+  token = group_.all_gather("the run directory check", token)[0];
+  if (!main_) {
+    // A few tries: a network file system may show a new file to other machines late.
+    std::string seen;
+    for (int attempt = 0; attempt < 20 && seen != token; ++attempt) {
+      if (attempt) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      io::read_file_bytes(token_file.string(), &seen);
+    }
+    if (seen != token)
+      fail(
+          "rank {}: --out {} does not hold what rank 0 just wrote there ({}): every rank needs the "
+          "same run directory (on several machines, a shared file system)",
+          group_.rank(), out_.string(), token_file.string());
+  }
+  group_.barrier();
+  std::error_code ec;
+  if (main_) fs::remove(token_file, ec);
+}
+
+void DistillRun::make_run_directory() {
   std::error_code ec;
   fs::create_directories(out_ / "samples", ec);
   if (ec || !fs::is_directory(out_))
@@ -450,7 +489,8 @@ bool DistillRun::train_phase(size_t s, size_t p, StageNetworks& nets) {
     const double compute_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - iteration_start).count() -
         (group_.collective_seconds() - waited_before);
-    interrupted_ = agree_across_ranks(group_, m, g_interrupted.load(), compute_s);
+    data_faults_ = batches_->data_faults();
+    interrupted_ = agree_across_ranks(group_, m, g_interrupted.load(), compute_s, data_faults_);
     for (const auto& [name, v] : m)
       if (!std::isfinite(v))
         fail(
@@ -474,7 +514,8 @@ bool DistillRun::train_phase(size_t s, size_t p, StageNetworks& nets) {
     }
     // The stage's end (samples, model, checkpoint) comes once the phase's state is freed.
     if (phase_done && last_phase) return true;
-    if (g_ % recipe_.sample_every == 0) write_samples(s, nets, g_);
+    if (g_ % recipe_.sample_every == 0)
+      group_.main_only("writing sample images", [&] { write_samples(s, nets, g_); });
     if (options_.checkpoints && (g_ % recipe_.checkpoint_every == 0 || g_ == stop_ || interrupted_))
       write_checkpoint(s, phase.name, nets, trainer);
     if (interrupted_) return false;
@@ -489,9 +530,13 @@ void DistillRun::finish_stage(size_t s, StageNetworks& nets) {
   // The phase's optimiser state and gradients are gone (SDXL: about 46 GB), and the next stage
   // holds other tensors: the heap that held them goes back to the system.
   release_free_memory(device_);
-  write_samples(s, nets, g_);
+  // Rank 0 alone, for as long as it takes (the others wait while it shows signs of life).
+  group_.main_only("writing the stage's samples and model", [&] {
+    write_samples(s, nets, g_);
+    nets.student()->eval();
+    generate::save_model(nets.student_model(), (dir / "model").string(), torch::kFloat16);
+  });
   nets.student()->eval();
-  if (main_) generate::save_model(nets.student_model(), (dir / "model").string(), torch::kFloat16);
   result_.model_dirs.push_back((dir / "model").string());
   spdlog::info("distill: stage {} ({}) done: {}", s + 1, stage.name, (dir / "model").string());
 }
@@ -516,7 +561,11 @@ void DistillRun::log_metrics(size_t s, const Phase& phase, int64_t i, double lr,
       {"peak_memory_gb", peak_memory_bytes(device_) / 1e9},
       {"elapsed_s", elapsed_s()}};
   if (group_.size() > 1) line["ranks"] = group_.size();
-  batches_->add_position(line);  // rank 0's stream (the others' skips are in their logs)
+  if (batches_->streamed()) {
+    batches_->add_position(line);                                  // rank 0's epoch
+    line["data_skipped"] = static_cast<int64_t>(data_faults_[0]);  // all ranks', since the start
+    line["data_damaged_shards"] = static_cast<int64_t>(data_faults_[1]);
+  }
   if (phase.adversarial()) line["lr_d"] = stage.discriminator_learning_rate;
   for (const auto& [k, v] : interval.sums)
     line[k] = v / interval.count;
@@ -576,16 +625,17 @@ void DistillRun::write_position(size_t s, const std::string& phase) {
 void DistillRun::write_checkpoint_directory(
     size_t s, const std::string& phase, const nlohmann::json& data_positions,
     const std::function<void(const std::string& dir)>& trained_state) {
-  if (!main_) return;
-  io::write_directory_atomic(checkpoint_dir_.string(), [&](const std::string& tmp) {
-    if (trained_state) trained_state(tmp);
-    if (!data_positions.is_null())
-      io::write_json_file(tmp + "/data.json", {{"ranks", data_positions}});
-    io::write_json_file(tmp + "/state.json", {{"iteration", g_},
-                                              {"elapsed_s", elapsed_s()},
-                                              {"stage", s + 1},
-                                              {"phase", phase},
-                                              {"total_iterations", total_}});
+  group_.main_only("writing a checkpoint", [&] {
+    io::write_directory_atomic(checkpoint_dir_.string(), [&](const std::string& tmp) {
+      if (trained_state) trained_state(tmp);
+      if (!data_positions.is_null())
+        io::write_json_file(tmp + "/data.json", {{"ranks", data_positions}});
+      io::write_json_file(tmp + "/state.json", {{"iteration", g_},
+                                                {"elapsed_s", elapsed_s()},
+                                                {"stage", s + 1},
+                                                {"phase", phase},
+                                                {"total_iterations", total_}});
+    });
   });
 }
 

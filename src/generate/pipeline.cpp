@@ -373,6 +373,7 @@ TextToImageModel load_single_file(const std::string& file, const models::ModelLo
 
 void save_model(const TextToImageModel& model, const std::string& dir,
                 c10::optional<torch::ScalarType> weights_dtype) {
+  io::check_replaceable(dir, "model_index.json");
   io::write_directory_atomic(dir, [&](const std::string& tmp_dir) {
     const fs::path tmp(tmp_dir);
     const char* pipeline_class = model.is_sdxl()     ? "StableDiffusionXLPipeline"

@@ -96,7 +96,8 @@ std::vector<std::string> shipped_model_names(const std::string& models_root);
 TextToImageModel load_model(const std::string& dir, const models::ModelLoadOptions& options,
                             const ModelOverrides& overrides = {});
 // Writes the model directory atomically: into a temporary sibling, then renamed over `dir`
-// (an existing directory is replaced only once the new one is complete).
+// (an existing directory is replaced only once the new one is complete, and only if it is a model
+// directory: one that holds model_index.json, or is empty).
 void save_model(const TextToImageModel& model, const std::string& dir,
                 c10::optional<torch::ScalarType> weights_dtype = c10::nullopt);
 

@@ -11,6 +11,17 @@
 namespace lightning::io {
 namespace fs = std::filesystem;
 
+void check_replaceable(const std::string& dir, const char* marker) {
+  const fs::path target = fs::path(dir);
+  std::error_code ec;
+  if (fs::exists(target, ec) && (!fs::is_directory(target, ec) || !fs::is_empty(target, ec)) &&
+      !fs::exists(target / marker, ec))
+    fail(
+        "{}: exists and is not an earlier output (it has no {}): not replaced; remove it or "
+        "choose another directory",
+        dir, marker);
+}
+
 void write_directory_atomic(const std::string& target_in,
                             const std::function<void(const std::string& tmp)>& fill) {
   fs::path target = fs::path(target_in).lexically_normal();

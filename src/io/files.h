@@ -14,6 +14,11 @@ namespace lightning::io {
 void write_directory_atomic(const std::string& target,
                             const std::function<void(const std::string& tmp)>& fill);
 
+// Refuses, naming it, an existing `dir` that is neither empty nor holds the file `marker` (such
+// as "model_index.json"): an output replaces an earlier output of its kind, never a directory of
+// something else (a user's data).
+void check_replaceable(const std::string& dir, const char* marker);
+
 // Reads the whole file into `bytes`. False when it cannot be opened or read (errno says why).
 bool read_file_bytes(const std::string& path, std::string* bytes);
 

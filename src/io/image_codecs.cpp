@@ -67,7 +67,12 @@ torch::Tensor decode_jpeg(const std::string& bytes, const std::string& what) {
     jpeg_destroy_decompress(&info);
     check_side(h, w, what);
   }
-  info.out_color_space = info.jpeg_color_space == JCS_GRAYSCALE ? JCS_GRAYSCALE : JCS_RGB;
+  // CMYK and YCCK files (print and Photoshop exports, found in web-scraped data) are read as CMYK
+  // and converted below.
+  const bool cmyk = info.jpeg_color_space == JCS_CMYK || info.jpeg_color_space == JCS_YCCK;
+  info.out_color_space = info.jpeg_color_space == JCS_GRAYSCALE ? JCS_GRAYSCALE
+                         : cmyk                                 ? JCS_CMYK
+                                                                : JCS_RGB;
   jpeg_start_decompress(&info);
   const int64_t H = info.output_height, W = info.output_width, C = info.output_components;
   hwc = torch::empty({H, W, C}, torch::kUInt8);
@@ -77,9 +82,18 @@ torch::Tensor decode_jpeg(const std::string& bytes, const std::string& what) {
   }
   // A file cut short decodes with grey rows and a warning; refuse it instead.
   const bool cut = error.manager.num_warnings > 0;
+  const bool adobe = info.saw_Adobe_marker;
   jpeg_finish_decompress(&info);
   jpeg_destroy_decompress(&info);
   if (cut) fail("{}: corrupt JPEG: truncated or damaged data", what);
+  if (cmyk) {
+    // Adobe's files store the inks inverted (255 = no ink), as Pillow reads them; then, as
+    // Pillow's CMYK -> RGB: R = (255 - C) (255 - K) / 255, and so on.
+    auto stored = hwc.to(torch::kInt32);
+    auto paper = adobe ? stored : 255 - stored;  // 255 - ink
+    auto rgb = paper.narrow(2, 0, 3) * paper.narrow(2, 3, 1);
+    hwc = torch::div(rgb + 127, 255, "floor").to(torch::kUInt8);
+  }
   return hwc.permute({2, 0, 1}).contiguous();
 }
 
