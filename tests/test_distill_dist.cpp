@@ -583,6 +583,16 @@ TEST(Dist, StartUpFaultsNameTheRankAndTheCause) {
   EXPECT_NE(alone.output.find("rank 0: rank(s) 1 of 2 did not join"), std::string::npos)
       << alone.output;
   EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(30));
+  // A name that does not resolve is named, with the resolver's reason.
+  auto nowhere =
+      test::run_command("RANK=1 WORLD_SIZE=2 MASTER_ADDR=no-such-host.invalid MASTER_PORT=29500 " +
+                        std::string(LIGHTNING_BIN) + " distill --recipe " + quick_recipe() +
+                        " --out " + dir + "/nowhere --dist-timeout 2");
+  EXPECT_EQ(nowhere.exit_code, 1) << nowhere.output;
+  EXPECT_NE(nowhere.output.find("rank 1: MASTER_ADDR=no-such-host.invalid does not resolve to an "
+                                "address within 2 s"),
+            std::string::npos)
+      << nowhere.output;
 
   // Rank 1's batch does not split over 2 ranks: rank 0 names rank 1 and its reason.
   auto odd = read_text(quick_recipe());

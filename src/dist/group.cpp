@@ -1,5 +1,8 @@
 #include "dist/group.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -313,6 +316,20 @@ Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout,
          device.str());
   d.where = fmt::format("{}:{}", env.master_addr, env.master_port);
   const auto seconds = std::chrono::duration<double>(timeout).count();
+  // The host's name first, quietly, until it resolves (a cluster's name for rank 0 may come up
+  // after the workers start): libtorch would log a warning a second for the whole timeout.
+  const auto resolve_by = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    addrinfo hints{}, *found = nullptr;
+    hints.ai_socktype = SOCK_STREAM;
+    const int rc = ::getaddrinfo(env.master_addr.c_str(), nullptr, &hints, &found);
+    if (found) ::freeaddrinfo(found);
+    if (rc == 0) break;
+    if (std::chrono::steady_clock::now() > resolve_by)
+      fail("rank {}: MASTER_ADDR={} does not resolve to an address within {:g} s ({})", env.rank,
+           env.master_addr, seconds, ::gai_strerror(rc));
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
   d.agent_store = use_agent_store();
   try {
     c10d::TCPStoreOptions o;
