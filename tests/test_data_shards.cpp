@@ -127,9 +127,9 @@ TEST(ImageCodecs, DecodePngJpegWebp) {
   EXPECT_EQ(io::to_channels(white, 1).min().item<int>(), 255);
 }
 
-// A CMYK JPEG of `stored` (uint8 [4, H, W], the values as the file stores them) written as
-// libjpeg writes one (with an Adobe marker), in `space` (JCS_CMYK or JCS_YCCK).
-std::string encode_cmyk_jpeg(const torch::Tensor& stored, J_COLOR_SPACE space) {
+// A CMYK JPEG of `stored` (uint8 [4, H, W], the values as the file stores them) in `space`
+// (JCS_CMYK or JCS_YCCK), with an Adobe marker (as libjpeg writes one) or without.
+std::string encode_cmyk_jpeg(const torch::Tensor& stored, J_COLOR_SPACE space, bool adobe = true) {
   jpeg_compress_struct info{};
   jpeg_error_mgr error{};
   info.err = jpeg_std_error(&error);
@@ -143,6 +143,7 @@ std::string encode_cmyk_jpeg(const torch::Tensor& stored, J_COLOR_SPACE space) {
   info.in_color_space = JCS_CMYK;
   jpeg_set_defaults(&info);
   jpeg_set_colorspace(&info, space);
+  info.write_Adobe_marker = adobe ? TRUE : FALSE;
   jpeg_set_quality(&info, 95, TRUE);
   jpeg_start_compress(&info, TRUE);
   const auto hwc = stored.permute({1, 2, 0}).contiguous();
@@ -173,6 +174,11 @@ TEST(ImageCodecs, CmykJpegsAreReadAsPillowReadsThem) {
       const auto want = smooth.to(torch::kFloat32) * static_cast<float>(k) / 255;
       EXPECT_LT((rgb.to(torch::kFloat32) - want).abs().mean().item<float>(), 2.5f);
     }
+  // Pillow assumes Adobe's inverted inks for every CMYK JPEG, with the marker or without.
+  const auto stored = torch::cat({smooth, torch::full({1, 24, 40}, 255, torch::kUInt8)});
+  const auto plain = io::decode_image(encode_cmyk_jpeg(stored, JCS_CMYK, false), "cmyk.jpg");
+  EXPECT_LT((plain.to(torch::kFloat32) - smooth.to(torch::kFloat32)).abs().mean().item<float>(),
+            2.5f);
 }
 
 TEST(TarShards, ReadsWebDatasetSamples) {

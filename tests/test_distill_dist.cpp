@@ -551,6 +551,36 @@ TEST(Dist, WorkOnRankZeroAloneOutlastsTheTimeoutAndItsErrorReachesTheOthers) {
   EXPECT_EQ(outcome[1], "rank 1: rank 0 failed while a failing write: disk full");
 }
 
+// A rank that is alive but never comes to a gather through the store is named after the timeout.
+TEST(Dist, AGatherThatARankNeverJoinsNamesIt) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "no Gloo in this build";
+  dist::LaunchEnv env;
+  env.world_size = 2;
+  env.master_port = unused_port();
+  std::string error;
+  std::thread one([&] {
+    auto e = env;
+    e.rank = 1;
+    try {
+      const auto group = dist::Group::connect(e, std::chrono::seconds(1));
+      group.heartbeat(7);
+      std::this_thread::sleep_for(std::chrono::seconds(8));  // busy elsewhere, then gone
+    } catch (const Error&) {
+    }
+  });
+  try {
+    const auto group = dist::Group::connect(env, std::chrono::seconds(1));
+    group.all_gather("the data positions", "x");
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  one.join();
+  EXPECT_NE(error.find("rank 0: the data positions failed: rank 1 (last iteration: 7) of 2 stopped "
+                       "responding (no answer within 1 s)"),
+            std::string::npos)
+      << error;
+}
+
 // Under torchrun the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True): every rank
 // connects to it, under the restart's prefix, instead of rank 0 hosting its own on the same port.
 TEST(Dist, RanksJoinTorchrunsAgentStore) {
@@ -610,11 +640,25 @@ TEST(Dist, StartUpFaultsNameTheRankAndTheCause) {
   EXPECT_NE(failed.output.find("batch_size = 7 does not split evenly over 2 ranks"),
             std::string::npos)
       << failed.output;
+  // The same fault on rank 0, which hosts the store: it stays until rank 1 has read its error.
+  failed = two_ranks(
+      unused_port(), "distill --recipe " + dir + "/odd.toml --out " + dir + "/g --dist-timeout 120",
+      "distill --recipe " + quick_recipe() + " --out " + dir + "/g --dist-timeout 120",
+      dir + "/rank1-g.txt");
+  EXPECT_EQ(failed.exit_code, 2) << failed.output;  // its own usage error
+  std::string rank1;
+  for (int i = 0; i < 100 && rank1.find("lightning: rank 1") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // rank 1 ends after rank 0
+    rank1 = read_text(dir + "/rank1-g.txt");
+  }
+  EXPECT_NE(rank1.find("rank 0 failed: "), std::string::npos) << rank1;
+  EXPECT_NE(rank1.find("batch_size = 7 does not split evenly over 2 ranks"), std::string::npos)
+      << rank1;
 
   // The same relative --out from two working directories: two directories, refused.
   fs::create_directories(dir + "/a");
   fs::create_directories(dir + "/b");
-  const std::string args = "distill --recipe " + quick_recipe() + " --out run --dist-timeout 60";
+  const std::string args = "distill --recipe " + quick_recipe() + " --out run --dist-timeout 10";
   auto apart = two_ranks(unused_port(), args, args, dir + "/apart1.txt", "cd " + dir + "/a && ",
                          "cd " + dir + "/b && ");
   EXPECT_EQ(apart.exit_code, 1) << apart.output;

@@ -230,7 +230,12 @@ nlohmann::json BucketBatcher::state() const {
 void BucketBatcher::restore(const nlohmann::json& state) {
   if (state.at("buckets") != buckets_json(options_.buckets) ||
       state.at("batch_size") != options_.batch_size)
-    fail("data: the checkpoint was made with other buckets or another batch size");
+    fail(
+        "data: the checkpoint was made with other buckets ({} saved, {} now) or another batch size "
+        "({} saved, {} now); a run from before [data] bucket_step existed resumes with "
+        "bucket_step = 8 (the VAE's factor; 1 for pixel models)",
+        state.at("buckets").size(), options_.buckets.size(), state.at("batch_size").dump(),
+        options_.batch_size);
   if (state.contains("source") && state.at("source") != stream_.fingerprint())
     fail(
         "data: the checkpoint was made from other data ({}; now {}): the shard list or the image "

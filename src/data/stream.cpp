@@ -46,6 +46,7 @@ SampleStream::SampleStream(const DataSource& source, int rank, int world)
     // Every shard is named by the folder: its records' keys are the files' paths in it.
     names_.assign(folder_shards_.size(), source.image_folder);
   }
+  fingerprint_ = compute_fingerprint();
   if (num_shards() < world)
     fail("data: {} shard(s) cannot be shared by {} ranks: every rank needs at least one",
          num_shards(), world);
@@ -57,7 +58,7 @@ SampleStream::SampleStream(const DataSource& source, int rank, int world)
 
 SampleStream::~SampleStream() = default;
 
-std::string SampleStream::fingerprint() const {
+std::string SampleStream::compute_fingerprint() const {
   uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bits
   auto add = [&](const std::string& s) {
     for (unsigned char c : s + '\n')

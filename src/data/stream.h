@@ -80,7 +80,7 @@ class SampleStream {
   // A fingerprint of the data's layout: the shards' file names in order (not their folders, so
   // that data moved elsewhere still matches), or an image folder's file list. A position is only
   // meaningful for data of the same fingerprint.
-  std::string fingerprint() const;
+  const std::string& fingerprint() const { return fingerprint_; }
   // The shards this rank reads in `epoch`, in order.
   std::vector<int64_t> shards_of_epoch(int64_t epoch) const;
 
@@ -92,6 +92,7 @@ class SampleStream {
   std::unique_ptr<ShardReader> open(int64_t shard) const;
   // The records at `keys` with their bytes, in the order given (each shard scanned once).
   std::vector<RawSample> reread(const std::vector<SampleKey>& keys) const;
+  std::string compute_fingerprint() const;
   void start_epoch(int64_t epoch);
   void skip(const std::string& what);
   bool pull(bool load);                  // one record from the shards into the buffer
@@ -111,6 +112,7 @@ class SampleStream {
   int64_t usable_in_epoch_ = 0;
   StreamStats stats_;
   Filter filter_;
+  std::string fingerprint_;
 };
 
 }  // namespace lightning::data

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <exception>
 #include <future>
+#include <stdexcept>
 #include <thread>
 
 #include <fmt/format.h>
@@ -68,6 +69,14 @@ std::string first_line(const std::string& s) {
 }
 
 const std::string kPrefix = "lightning/";
+
+// Waiting on the store ended: a peer reported its failure, or the timeout passed.
+struct PeerFailed : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct StoreTimeout : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 std::vector<uint8_t> bytes(const std::string& s) {
   return std::vector<uint8_t>(s.begin(), s.end());
@@ -141,24 +150,35 @@ struct Group::Impl {
   mutable int64_t gathers = 0;  // all_gather calls so far (their store keys)
   mutable int64_t solos = 0;    // main_only calls so far (their store keys)
 
-  // What rank `r` reported when it failed (report_failure), or "".
+  // What rank `r` reported when it failed (report_failure), or "". Reading it is acknowledged,
+  // so that rank 0, which hosts the store, waits for the others to read its error before it goes.
   std::string failure_of(int r) const {
     const auto key = kPrefix + "failed/" + std::to_string(r);
-    return store->check({key}) ? text(store->get(key)) : std::string();
+    if (!store->check({key})) return {};
+    store->set(key + "/seen/" + std::to_string(rank), bytes("1"));
+    return text(store->get(key));
+  }
+
+  // Whether some rank has reported a failure: one request, whatever the number of ranks.
+  bool any_failure() const {
+    return store->add(kPrefix + "failures", 0) > 0;
   }
 
   // The value of `key` once some rank sets it, polling the store: a rank that reports a failure
-  // meanwhile ends the wait at once, naming it, and so does the timeout.
+  // meanwhile ends the wait at once (PeerFailed, naming it); the timeout throws StoreTimeout.
   std::vector<uint8_t> wait_for_key(const std::string& key) const {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
       if (store->check({key})) return store->get(key);
-      for (int r = 0; r < size; ++r)
-        if (r != rank)
-          if (const auto why = failure_of(r); !why.empty()) fail("rank {} failed: {}", r, why);
+      if (any_failure())
+        for (int r = 0; r < size; ++r)
+          if (r != rank)
+            if (const auto why = failure_of(r); !why.empty())
+              throw PeerFailed(fmt::format("rank {} failed: {}", r, why));
       if (std::chrono::steady_clock::now() > deadline)
-        fail("no answer within {:g} s", std::chrono::duration<double>(timeout).count());
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        throw StoreTimeout(
+            fmt::format("no answer within {:g} s", std::chrono::duration<double>(timeout).count()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
 
@@ -235,9 +255,13 @@ struct Group::Impl {
     try {
       f();
       waited_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    } catch (const Error& e) {  // a peer's reported failure (wait_for_key): it says it all
+    } catch (const PeerFailed& e) {  // a peer's reported failure: it says it all
       failed = true;
       drop_connections();
+      try {  // alive, for the others' diagnosis
+        store->set(kPrefix + "alive/" + std::to_string(rank), bytes("1"));
+      } catch (const std::exception&) {
+      }
       fail("rank {}: {} failed: {}", rank, what, e.what());
     } catch (const c10::Error& e) {
       failed = true;
@@ -355,17 +379,21 @@ Group Group::connect(const LaunchEnv& env, std::chrono::milliseconds timeout,
   try {
     d.store->set(kPrefix + "joined/" + std::to_string(env.rank), bytes("1"));
     const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::vector<std::string> keys;
+    for (int r = 0; r < env.world_size; ++r)
+      keys.push_back(kPrefix + "joined/" + std::to_string(r));
     for (;;) {
-      std::vector<int> missing;
-      for (int r = 0; r < env.world_size; ++r)
-        if (!d.store->check({kPrefix + "joined/" + std::to_string(r)})) missing.push_back(r);
-      if (missing.empty()) break;
-      if (std::chrono::steady_clock::now() > deadline)
+      if (d.store->check(keys)) break;  // one request for all, whatever the number of ranks
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::vector<int> missing;
+        for (int r = 0; r < env.world_size; ++r)
+          if (!d.store->check({keys[static_cast<size_t>(r)]})) missing.push_back(r);
         fail(
             "rank {}: rank(s) {} of {} did not join at MASTER_ADDR:MASTER_PORT = {} within {:g} s "
             "(is every rank started, with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT?)",
             env.rank, rank_list(missing), env.world_size, d.where, seconds);
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   } catch (const Error&) {
     throw;
@@ -425,6 +453,9 @@ int Group::size() const {
 }
 c10::Device Group::device() const {
   return impl_->device;
+}
+std::chrono::milliseconds Group::timeout() const {
+  return impl_->timeout;
 }
 double Group::collective_seconds() const {
   return impl_->waited_s;
@@ -528,6 +559,9 @@ void Group::main_only(const std::string& what, const std::function<void()>& work
   auto& d = *impl_;
   const auto done_key = kPrefix + "solo/" + std::to_string(d.solos++);
   const auto beat_key = done_key + "/beat";
+  // A beat at least four times per timeout: the others allow a whole timeout without one.
+  const auto period = std::clamp<std::chrono::milliseconds>(
+      d.timeout / 4, std::chrono::milliseconds(50), std::chrono::milliseconds(1000));
   if (is_main()) {
     std::atomic<bool> done{false};
     std::thread beat([&] {  // signs of life for the others while `work` runs
@@ -537,8 +571,9 @@ void Group::main_only(const std::string& what, const std::function<void()>& work
         } catch (const std::exception&) {
           return;
         }
-        for (int i = 0; i < 10 && !done; ++i)
-          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        for (auto slept = std::chrono::milliseconds(0); slept < period && !done;
+             slept += std::chrono::milliseconds(25))
+          std::this_thread::sleep_for(std::chrono::milliseconds(25));
       }
     });
     std::string outcome = "ok";
@@ -547,6 +582,9 @@ void Group::main_only(const std::string& what, const std::function<void()>& work
       work();
     } catch (const std::exception& e) {
       outcome = std::string("error: ") + e.what();
+      error = std::current_exception();
+    } catch (...) {
+      outcome = "error: an unknown exception";
       error = std::current_exception();
     }
     done = true;
@@ -607,14 +645,27 @@ void Group::main_only(const std::string& what, const std::function<void()>& work
       fail("rank {}: rank 0 stopped responding while {} (no sign of life for {:g} s)", rank(), what,
            std::chrono::duration<double>(d.timeout).count());
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::this_thread::sleep_for(period / 2);
   }
 }
 
 void Group::report_failure(const std::string& message) const {
   if (size() == 1 || !impl_->store) return;
+  auto& d = *impl_;
+  const auto key = kPrefix + "failed/" + std::to_string(rank());
+  d.failed = true;
+  d.drop_connections();  // peers in a collective with this rank come to the store now
   try {
-    impl_->store->set(kPrefix + "failed/" + std::to_string(rank()), bytes(first_line(message)));
+    d.store->set(key, bytes(first_line(message)));
+    d.store->add(kPrefix + "failures", 1);
+    // Rank 0 hosts the store: it stays until the others have read its error (a few seconds at
+    // most; those that are gone or busy find out from its absence).
+    if (rank() != 0 || d.agent_store) return;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    for (int r = 1; r < size(); ++r)
+      while (!d.store->check({key + "/seen/" + std::to_string(r)}) &&
+             std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
   } catch (const std::exception&) {
     // the store is gone: the others find out from rank 0's absence
   }

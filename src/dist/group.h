@@ -60,6 +60,8 @@ class Group {
   // Where the collectives run: tensors elsewhere are copied there and back.
   c10::Device device() const;
   bool is_main() const { return rank() == 0; }
+  // How long a rank waits for the others (the collectives' bound).
+  std::chrono::milliseconds timeout() const;
 
   // Sums, then divides by size(), the gradients of `params` in place, packed into buckets of at
   // most `bucket_bytes` (one all-reduce per bucket). A parameter without a gradient counts as

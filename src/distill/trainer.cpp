@@ -308,11 +308,14 @@ void DistillRun::create_run_directory() {
   }
   token = group_.all_gather("the run directory check", token)[0];
   if (!main_) {
-    // A few tries: a network file system may show a new file to other machines late.
+    // Tries for half the timeout (rank 0 waits the whole of it): a network file system may
+    // show a new file to other machines late (NFS: its attribute cache, 30-60 s).
     std::string seen;
-    for (int attempt = 0; attempt < 20 && seen != token; ++attempt) {
-      if (attempt) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    const auto until = std::chrono::steady_clock::now() + group_.timeout() / 2;
+    for (;;) {
       io::read_file_bytes(token_file.string(), &seen);
+      if (seen == token || std::chrono::steady_clock::now() >= until) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
     }
     if (seen != token)
       fail(

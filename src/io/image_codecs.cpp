@@ -82,15 +82,13 @@ torch::Tensor decode_jpeg(const std::string& bytes, const std::string& what) {
   }
   // A file cut short decodes with grey rows and a warning; refuse it instead.
   const bool cut = error.manager.num_warnings > 0;
-  const bool adobe = info.saw_Adobe_marker;
   jpeg_finish_decompress(&info);
   jpeg_destroy_decompress(&info);
   if (cut) fail("{}: corrupt JPEG: truncated or damaged data", what);
   if (cmyk) {
-    // Adobe's files store the inks inverted (255 = no ink), as Pillow reads them; then, as
-    // Pillow's CMYK -> RGB: R = (255 - C) (255 - K) / 255, and so on.
-    auto stored = hwc.to(torch::kInt32);
-    auto paper = adobe ? stored : 255 - stored;  // 255 - ink
+    // As Pillow reads them: the inks stored inverted (255 = no ink, Adobe's convention, which
+    // Pillow assumes for every CMYK JPEG), then R = (255 - C) (255 - K) / 255, and so on.
+    auto paper = hwc.to(torch::kInt32);  // 255 - ink
     auto rgb = paper.narrow(2, 0, 3) * paper.narrow(2, 3, 1);
     hwc = torch::div(rgb + 127, 255, "floor").to(torch::kUInt8);
   }

@@ -56,16 +56,19 @@ std::map<std::string, torch::Tensor> encoder_probe(const generate::TextToImageMo
   std::map<std::string, torch::Tensor> out;
   const auto embeds = generate::encode_conditioning(
       model, {"a photo of a red bicycle leaning on a blue wall"}, /*warn_truncation=*/false);
-  out["context"] = embeds.context.to(torch::kFloat32);
-  if (embeds.pooled.defined()) out["pooled"] = embeds.pooled.to(torch::kFloat32);
+  out["context"] = embeds.context;
+  if (embeds.pooled.defined()) out["pooled"] = embeds.pooled;
   if (model.is_latent()) {
     const auto y = torch::arange(64, torch::kFloat32).view({1, 1, 64, 1});
     const auto x = torch::arange(64, torch::kFloat32).view({1, 1, 1, 64});
     const auto c = torch::arange(3, torch::kFloat32).view({1, 3, 1, 1});
     const auto pattern = 0.8 * torch::sin(0.2 * y + 2 * c) * torch::cos(0.15 * x - c);
     auto vae = model.vae;  // holders share the module; encode is non-const
-    out["x"] = vae->config.to_unet_latent(vae->encode(pattern).mean).to(torch::kFloat32);
+    const auto device = vae->parameters().front().device();
+    out["x"] = vae->config.to_unet_latent(vae->encode(pattern.to(device)).mean);
   }
+  for (auto& [name, t] : out)  // compared and stored on the CPU, whatever the model's device
+    t = t.to(torch::kCPU, torch::kFloat32);
   return out;
 }
 
