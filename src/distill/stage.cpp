@@ -150,7 +150,7 @@ void StageNetworks::load_checkpoint(const fs::path& dir, const torch::Device& de
   }
 }
 
-void StageNetworks::begin_phase(const Phase& phase, const std::string& kohya_path) {
+void StageNetworks::begin_phase(const Phase& phase) {
   if (phase.lora) {  // the base weights are frozen under a LoRA
     for (auto& p : student_->parameters())
       p.set_requires_grad(false);
@@ -160,26 +160,27 @@ void StageNetworks::begin_phase(const Phase& phase, const std::string& kohya_pat
       lora_attached_ = true;
     }
   } else if (lora_attached_) {  // the full phase: keep the LoRA, merge it, train everything
-    save_and_merge_lora(kohya_path);
+    merge_lora();
     for (auto& p : student_->parameters())
       p.set_requires_grad(true);
   }
 }
 
-void StageNetworks::end_training(const std::string& kohya_path) {
+void StageNetworks::end_training() {
   drop_grads(*student_);
   disc_ = models::Discriminator(nullptr);  // nothing after training uses it
-  if (lora_attached_) save_and_merge_lora(kohya_path);
+  if (lora_attached_) merge_lora();
 }
 
-void StageNetworks::save_and_merge_lora(const std::string& kohya_path) {
-  if (!kohya_path.empty()) {
-    fs::create_directories(fs::path(kohya_path).parent_path());
-    models::save_kohya_lora(*student_, kohya_path, "lora_unet_", c10::nullopt,
-                            {{"ss_network_dim", std::to_string(stage_.lora_rank)},
-                             {"ss_network_alpha", fmt::format("{:g}", stage_.lora_alpha)},
-                             {"lightning_stage", stage_.name}});
-  }
+void StageNetworks::save_lora(const std::string& kohya_path) {
+  fs::create_directories(fs::path(kohya_path).parent_path());
+  models::save_kohya_lora(*student_, kohya_path, "lora_unet_", c10::nullopt,
+                          {{"ss_network_dim", std::to_string(stage_.lora_rank)},
+                           {"ss_network_alpha", fmt::format("{:g}", stage_.lora_alpha)},
+                           {"lightning_stage", stage_.name}});
+}
+
+void StageNetworks::merge_lora() {
   // From here the student's weights diverge from the teacher's: its own, in float32, before the
   // LoRA is merged into them.
   if (shares_teacher_) {

@@ -44,12 +44,15 @@ class StageNetworks {
   // Resuming inside the stage: the trained weights and adapters of checkpoint `dir`.
   void load_checkpoint(const std::filesystem::path& dir, const torch::Device& device);
   // LoRA on or off for `phase`. A LoRA phase freezes the base weights and attaches adapters
-  // (once); a full phase after LoRA phases saves the adapters (kohya format) to `kohya_path`
-  // (skipped when empty: ranks other than 0), merges them and trains every weight.
-  void begin_phase(const Phase& phase, const std::string& kohya_path);
+  // (once); a full phase after LoRA phases merges them and trains every weight.
+  void begin_phase(const Phase& phase);
   // The stage's training is over: the student's gradients and the discriminator go, adapters
-  // still attached are saved and merged as by begin_phase.
-  void end_training(const std::string& kohya_path);
+  // still attached are merged as by begin_phase.
+  void end_training();
+  // Whether adapters are attached (not merged yet): save them before the phase that merges them.
+  bool lora_attached() const { return lora_attached_; }
+  // The attached adapters in kohya's format (`generate --lora`), to `kohya_path`.
+  void save_lora(const std::string& kohya_path);
 
   // The phase's trainable parameters: the adapters in LoRA phases, else the student's weights.
   NamedTensors student_parameters(const Phase& phase);
@@ -80,7 +83,7 @@ class StageNetworks {
   models::UNet2DConditionModel& student() { return student_; }
 
  private:
-  void save_and_merge_lora(const std::string& kohya_path);
+  void merge_lora();
 
   const DistillRecipe& recipe_;
   const StageRecipe& stage_;

@@ -219,6 +219,8 @@ class DistillRun {
   bool train_stage(size_t s);
   bool train_phase(size_t s, size_t p, StageNetworks& nets);
   void finish_stage(size_t s, StageNetworks& nets);
+  // The attached LoRA to the stage's lora.safetensors, by rank 0 alone.
+  void save_lora(size_t s, StageNetworks& nets);
   DistillResult stopped();
   void log_metrics(size_t s, const Phase& phase, int64_t i, double lr, const Interval& interval);
   void write_samples(size_t s, StageNetworks& nets, int64_t step);
@@ -463,7 +465,8 @@ bool DistillRun::train_stage(size_t s) {
     nets.load_checkpoint(checkpoint_dir_, device_);
   for (size_t p = first_phase; p < phases.size(); ++p) {
     reset_peak_memory(device_);  // the first metrics line's peak includes the LoRA change
-    nets.begin_phase(phases[p], main_ ? (stage_dir(s) / "lora.safetensors").string() : "");
+    if (!phases[p].lora && nets.lora_attached()) save_lora(s, nets);  // merged as it begins
+    nets.begin_phase(phases[p]);
     if (!train_phase(s, p, nets)) return false;
   }
   // The last phase's optimiser state is gone: the stage's end needs the memory of the samples
@@ -529,7 +532,8 @@ bool DistillRun::train_phase(size_t s, size_t p, StageNetworks& nets) {
 void DistillRun::finish_stage(size_t s, StageNetworks& nets) {
   const auto& stage = recipe_.stages[s];
   const auto dir = stage_dir(s);
-  nets.end_training(main_ ? (dir / "lora.safetensors").string() : "");
+  if (nets.lora_attached()) save_lora(s, nets);
+  nets.end_training();
   // The phase's optimiser state and gradients are gone (SDXL: about 46 GB), and the next stage
   // holds other tensors: the heap that held them goes back to the system.
   release_free_memory(device_);
@@ -542,6 +546,11 @@ void DistillRun::finish_stage(size_t s, StageNetworks& nets) {
   nets.student()->eval();
   result_.model_dirs.push_back((dir / "model").string());
   spdlog::info("distill: stage {} ({}) done: {}", s + 1, stage.name, (dir / "model").string());
+}
+
+void DistillRun::save_lora(size_t s, StageNetworks& nets) {
+  group_.main_only("writing the stage's LoRA",
+                   [&] { nets.save_lora((stage_dir(s) / "lora.safetensors").string()); });
 }
 
 void DistillRun::log_metrics(size_t s, const Phase& phase, int64_t i, double lr,
