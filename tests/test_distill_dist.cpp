@@ -101,6 +101,12 @@ std::string long_recipe(const std::string& dir) {
   return dir + "/long.toml";
 }
 
+// `distill` of `recipe` into dir/run on 2 ranks (--nproc), with --dist-timeout `timeout_s`.
+std::string two_rank_run(const std::string& recipe, const std::string& dir, int timeout_s) {
+  return "distill --recipe " + recipe + " --out " + dir +
+         "/run --nproc 2 --threads 2 --dist-timeout " + std::to_string(timeout_s);
+}
+
 // `lightning args` in the background as the leader of its own process group (as a shell job in
 // a terminal: Ctrl-C reaches the launcher and every rank), logging to dir/log.txt; killed with
 // its group if still running when the test ends.
@@ -139,6 +145,10 @@ class BackgroundJob {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     return false;
+  }
+  // The same for a run into dir/run, within two minutes.
+  bool wait_for_training() {
+    return wait_for_training(dir_ + "/run/metrics.jsonl", std::chrono::seconds(120));
   }
   pid_t leader() const { return leader_; }
   pid_t rank_pid(int r) const { return ranks_.at(static_cast<size_t>(r)); }
@@ -429,10 +439,8 @@ TEST(Dist, UnreachableRendezvousAndMismatchedRecipesAreRefused) {
 TEST(Dist, CtrlCStopsEveryRankAtOneIterationWithOneCheckpoint) {
   const auto dir = test::temp_dir();
   const auto recipe = long_recipe(dir);
-  BackgroundJob job(dir, "distill --recipe " + recipe + " --out " + dir +
-                             "/run --nproc 2 --threads 2 --dist-timeout 30");
-  ASSERT_TRUE(job.wait_for_training(dir + "/run/metrics.jsonl", std::chrono::seconds(120)))
-      << job.log();
+  BackgroundJob job(dir, two_rank_run(recipe, dir, 30));
+  ASSERT_TRUE(job.wait_for_training()) << job.log();
   // What a terminal does on Ctrl-C: SIGINT to the launcher and to both ranks.
   ASSERT_EQ(::kill(-job.leader(), SIGINT), 0);
   const auto rc = job.wait(std::chrono::seconds(60));
@@ -459,10 +467,8 @@ TEST(Dist, TheLauncherTerminatesRanksThatOutliveTheTimeout) {
   // Rank 1 dies while rank 0 is stopped (SIGSTOP: it cannot notice): after the grace time
   // (--dist-timeout + 10 s) the launcher terminates rank 0 and names it.
   const auto dir = test::temp_dir();
-  BackgroundJob job(dir, "distill --recipe " + long_recipe(dir) + " --out " + dir +
-                             "/run --nproc 2 --threads 2 --dist-timeout 5");
-  ASSERT_TRUE(job.wait_for_training(dir + "/run/metrics.jsonl", std::chrono::seconds(120)))
-      << job.log();
+  BackgroundJob job(dir, two_rank_run(long_recipe(dir), dir, 5));
+  ASSERT_TRUE(job.wait_for_training()) << job.log();
   ASSERT_EQ(::kill(job.rank_pid(0), SIGSTOP), 0);
   ASSERT_EQ(::kill(job.rank_pid(1), SIGKILL), 0);
   const auto killed_at = std::chrono::steady_clock::now();
@@ -673,10 +679,8 @@ TEST(Dist, StartUpFaultsNameTheRankAndTheCause) {
 // they get SIGTERM from the kernel and stop as on Ctrl-C, instead of training on as orphans.
 TEST(Dist, AKilledLauncherTakesItsRanksAlong) {
   const auto dir = test::temp_dir();
-  BackgroundJob job(dir, "distill --recipe " + long_recipe(dir) + " --out " + dir +
-                             "/run --nproc 2 --threads 2 --dist-timeout 30");
-  ASSERT_TRUE(job.wait_for_training(dir + "/run/metrics.jsonl", std::chrono::seconds(120)))
-      << job.log();
+  BackgroundJob job(dir, two_rank_run(long_recipe(dir), dir, 30));
+  ASSERT_TRUE(job.wait_for_training()) << job.log();
   ASSERT_EQ(::kill(job.leader(), SIGKILL), 0);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   auto alive = [](pid_t pid) {  // a zombie (exited, not yet reaped by its new parent) is not

@@ -41,10 +41,7 @@
 #include "core/error.h"
 
 namespace lightning::dist {
-namespace {
-
-// An environment variable as an integer in [lo, hi]; a usage error naming it otherwise.
-int int_env(const char* name, int lo, int hi, std::optional<int> fallback = std::nullopt) {
+int int_env(const char* name, int lo, int hi, std::optional<int> fallback) {
   const char* raw = std::getenv(name);
   if (!raw || !*raw) {
     if (fallback) return *fallback;
@@ -59,6 +56,8 @@ int int_env(const char* name, int lo, int hi, std::optional<int> fallback = std:
     fail_usage("{}={} is not an integer in [{}, {}]", name, raw, lo, hi);
   return static_cast<int>(v);
 }
+
+namespace {
 
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
@@ -159,6 +158,16 @@ struct Group::Impl {
     return text(store->get(key));
   }
 
+  // Rank 0 hosts the store (unless torchrun's agent does): before it goes, it waits a few seconds
+  // at most until every key of `keys` is set, i.e. until the others have read what it left there
+  // (those gone or busy find out from its absence). One request per poll.
+  void linger_until_set(const std::vector<std::string>& keys) const {
+    if (rank != 0 || agent_store || keys.empty()) return;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!store->check(keys) && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+
   // Whether some rank has reported a failure: one request, whatever the number of ranks.
   bool any_failure() const {
     return store->add(kPrefix + "failures", 0) > 0;
@@ -233,14 +242,11 @@ struct Group::Impl {
                                  silent, size);
       }
       store->set(kPrefix + "diagnosed/" + std::to_string(rank), bytes("1"));
-      if (rank == 0 && !agent_store) {
-        const auto linger = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-        for (int r = 1; r < size; ++r)
-          while (std::find(missing.begin(), missing.end(), r) == missing.end() &&
-                 !store->check({kPrefix + "diagnosed/" + std::to_string(r)}) &&
-                 std::chrono::steady_clock::now() < linger)
-            std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
+      std::vector<std::string> survivors;  // their diagnosis needs the store
+      for (int r = 1; r < size; ++r)
+        if (std::find(missing.begin(), missing.end(), r) == missing.end())
+          survivors.push_back(kPrefix + "diagnosed/" + std::to_string(r));
+      linger_until_set(survivors);
       return message;
     } catch (const std::exception&) {
       return fmt::format("rank 0, which hosts the rendezvous at {}, stopped responding", where);
@@ -576,65 +582,50 @@ void Group::main_only(const std::string& what, const std::function<void()>& work
           std::this_thread::sleep_for(std::chrono::milliseconds(25));
       }
     });
-    std::string outcome = "ok";
     std::exception_ptr error;
+    std::string why;
     try {
       work();
     } catch (const std::exception& e) {
-      outcome = std::string("error: ") + e.what();
+      why = e.what();
       error = std::current_exception();
     } catch (...) {
-      outcome = "error: an unknown exception";
+      why = "an unknown exception";
       error = std::current_exception();
     }
     done = true;
     beat.join();
-    try {
-      d.store->set(done_key, bytes(outcome));
-    } catch (const std::exception& e) {
-      spdlog::debug("dist: cannot post the end of {}: {}", what, first_line(e.what()));
-    }
     if (error) {
-      // The others read the error from this rank's store before it goes (a few seconds).
-      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-      for (int r = 1; r < size(); ++r)
-        while (std::chrono::steady_clock::now() < until) {
-          try {
-            if (d.store->check({done_key + "/seen/" + std::to_string(r)})) break;
-          } catch (const std::exception&) {
-            break;
-          }
-          std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        }
+      report_failure(why);  // the others read it (rank 0 stays until they have)
       std::rethrow_exception(error);
     }
-    barrier();  // the others have read the outcome: rank 0 may go (and take the store along)
+    d.store->set(done_key, bytes("ok"));
+    barrier();  // the others have read it: rank 0 may go (and take the store along)
     return;
   }
   // The others wait as long as rank 0 shows signs of life, and the timeout after its last one.
   std::string last;
   auto last_change = std::chrono::steady_clock::now();
   for (;;) {
-    std::string outcome, seen;
+    bool finished = false;
+    std::string failure, seen;
     try {
-      if (d.store->check({done_key})) outcome = text(d.store->get(done_key));
-      if (outcome.empty() && d.store->check({beat_key})) seen = text(d.store->get(beat_key));
+      finished = d.store->check({done_key});
+      if (!finished && d.any_failure()) failure = d.failure_of(0);
+      if (!finished && failure.empty() && d.store->check({beat_key}))
+        seen = text(d.store->get(beat_key));
     } catch (const std::exception& e) {
       d.failed = true;
       fail("rank {}: rank 0, which hosts the rendezvous at {}, stopped responding while {} ({})",
            rank(), d.where, what, first_line(e.what()));
     }
-    if (outcome == "ok") {
+    if (finished) {
       barrier();
       return;
     }
-    if (!outcome.empty()) {
-      try {
-        d.store->set(done_key + "/seen/" + std::to_string(rank()), bytes("1"));
-      } catch (const std::exception&) {
-      }
+    if (!failure.empty()) {
       d.failed = true;
-      fail("rank {}: rank 0 failed while {}: {}", rank(), what, outcome.substr(7));
+      fail("rank {}: rank 0 failed while {}: {}", rank(), what, failure);
     }
     const auto now = std::chrono::steady_clock::now();
     if (seen != last) {
@@ -656,16 +647,13 @@ void Group::report_failure(const std::string& message) const {
   d.failed = true;
   d.drop_connections();  // peers in a collective with this rank come to the store now
   try {
+    if (d.store->check({key})) return;  // reported already (main_only, then the caller)
     d.store->set(key, bytes(first_line(message)));
     d.store->add(kPrefix + "failures", 1);
-    // Rank 0 hosts the store: it stays until the others have read its error (a few seconds at
-    // most; those that are gone or busy find out from its absence).
-    if (rank() != 0 || d.agent_store) return;
-    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    std::vector<std::string> read;  // failure_of's acknowledgements
     for (int r = 1; r < size(); ++r)
-      while (!d.store->check({key + "/seen/" + std::to_string(r)}) &&
-             std::chrono::steady_clock::now() < until)
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      read.push_back(key + "/seen/" + std::to_string(r));
+    d.linger_until_set(read);
   } catch (const std::exception&) {
     // the store is gone: the others find out from rank 0's absence
   }

@@ -36,6 +36,10 @@ struct LaunchEnv {
   int master_port = 29500;
 };
 
+// An environment variable as an integer in [lo, hi] (`fallback` when it is unset or empty); a
+// usage error naming it otherwise.
+int int_env(const char* name, int lo, int hi, std::optional<int> fallback = std::nullopt);
+
 // LaunchEnv from the environment; nullopt when WORLD_SIZE is unset (a single process). A
 // variable that is missing or malformed while WORLD_SIZE is set: a usage error naming it.
 std::optional<LaunchEnv> launch_env_from_environment();

@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/error.h"
+#include "dist/group.h"
 
 extern char** environ;
 
@@ -70,14 +71,8 @@ int exit_code(int status) {
 
 int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::seconds grace) {
   if (nproc < 1) fail_usage("--nproc must be >= 1, got {}", nproc);
-  const char* port_env = std::getenv("MASTER_PORT");
-  if (port_env && *port_env) {
-    char* end = nullptr;
-    const long v = std::strtol(port_env, &end, 10);
-    if (*end != '\0' || v < 1 || v > 65535)
-      fail_usage("MASTER_PORT={} is not an integer in [1, 65535]", port_env);
-  }
-  const std::string port = port_env && *port_env ? port_env : std::to_string(free_port());
+  const int port_env = int_env("MASTER_PORT", 1, 65535, /*fallback=*/0);
+  const std::string port = std::to_string(port_env ? port_env : free_port());
 
   // The environment of every rank: ours without the launch variables, plus the rank's.
   std::vector<std::string> base;

@@ -1,7 +1,6 @@
 #include "distill/trainer.h"
 
 #include <signal.h>
-#include <unistd.h>
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -304,8 +303,8 @@ void DistillRun::create_run_directory() {
   const auto token_file = out_ / ".rank-0-was-here";
   std::string token;
   if (main_) {
-    token = fmt::format("{:016x}", std::random_device{}() * 0x9E3779B97F4A7C15ull ^
-                                       static_cast<uint64_t>(::getpid()));
+    std::random_device random;
+    token = fmt::format("{:08x}{:08x}", random(), random());
     io::write_file_atomic(token_file.string(), token);
   }
   token = group_.all_gather("the run directory check", token)[0];
@@ -427,8 +426,8 @@ DistillResult DistillRun::run() {
   for (size_t s = start_.stage; s < recipe_.stages.size(); ++s) {
     if (!train_stage(s)) return stopped();
     // The next stage's teacher: this stage's student as saved (what a resumed run loads too;
-    // every rank reads rank 0's files, so the run directory is shared by all ranks).
-    group_.barrier();
+    // every rank reads rank 0's files, so the run directory is shared by all ranks). Its saving
+    // (main_only) ended with every rank past it.
     if (s + 1 == recipe_.stages.size()) break;
     load_teacher_from(result_.model_dirs.back());  // the stage's networks are gone already
   }
@@ -449,7 +448,7 @@ DistillResult DistillRun::stopped() {
       spdlog::warn("distill: interrupted at iteration {} (no checkpoint: checkpoints are off)", g_);
     result_.interrupted = true;
   } else {
-    group_.barrier();  // rank 0's checkpoint is complete before any rank leaves
+    // Rank 0's checkpoint is complete: its writing (main_only) ended with every rank past it.
     if (bar_) bar_->finish();
     spdlog::info("distill: stopped at iteration {} of {} (continue with --resume)", g_, total_);
   }

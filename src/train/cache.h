@@ -41,8 +41,8 @@ struct CacheResult {
 // "pooled" for SDXL), so that a cache can be checked against the model that reads it.
 constexpr const char* kCacheProbe = "cache-probe.safetensors";
 std::map<std::string, torch::Tensor> encoder_probe(const generate::TextToImageModel& model);
-// A cache is refused when a probe tensor differs by more than this (relative L2 norm): far above
-// what f16 or bf16 weights change, far below another VAE or a changed scaling factor.
+// A cache is refused when a probe tensor differs by more than this (relative L2 norm): above what
+// f16 weights of the same model change (a test checks it), far below a changed scaling factor.
 constexpr double kCacheProbeTolerance = 0.05;
 
 // Reads one epoch of `source` (file order, one rank) and writes the cache directory atomically
